@@ -1,0 +1,163 @@
+"""Exact discovery of positively scale-invariant layers, and optimizer groups from it.
+
+A layer is *scale-invariant* when multiplying each of its neurons (output channels, axis 0 of
+its weight) by its own positive factor leaves the network's training-mode output unchanged
+(section 3 of the paper): conv/linear followed by BatchNorm, possibly through positively
+homogeneous ops (ReLU, LeakyReLU, pooling, dropout, flatten, zero-padding).
+
+How it is decided: the module tree proposes every ``Linear``/``Conv1d/2d/3d`` that the forward
+pass calls (their weight has the neuron axis first; ``ConvTranspose`` does not and is never
+proposed). Each candidate is then *confirmed numerically* on a float64 copy of the model in
+train mode, with BatchNorm's eps set to 1e-30 (eps breaks the symmetry at tiny scales; we test
+the structure, not that rounding) and every parameter slightly perturbed (so that a zero-init
+weight or a BN scale of 0 cannot hide a dependence): the weight is multiplied by random
+per-neuron factors in [0.1, 10] and the outputs must not move (relative 1e-8). When the weight
+alone fails and the layer has a bias, weight and bias are rescaled together (needed when an
+op between the layer and its BN does not remove a constant, e.g. a ReLU). What fails both is
+rejected: a layer whose output also reaches the loss around its BN (a residual branch without
+BN, the last conv of a pre-activation block), the classifier, and a layer followed only by
+LayerNorm or GroupNorm, which are invariant to one common factor per sample or group, not
+to a separate factor per neuron.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .manifold import random_scales, rescale
+
+__all__ = ["find_scale_invariant", "param_groups", "CANDIDATE_TYPES"]
+
+CANDIDATE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RTOL = 1e-8
+
+
+def _map_floats(x: Any, fn) -> Any:
+    if isinstance(x, Tensor):
+        return fn(x) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_floats(v, fn) for v in x)
+    if isinstance(x, dict):
+        return {k: _map_floats(v, fn) for k, v in x.items()}
+    return x
+
+
+def _flat_outputs(x: Any) -> Iterator[Tensor]:
+    if isinstance(x, Tensor):
+        if x.is_floating_point():
+            yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flat_outputs(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _flat_outputs(v)
+    elif hasattr(x, "__dict__"):  # dataclass-like model outputs
+        for v in vars(x).values():
+            yield from _flat_outputs(v)
+
+
+class _Probe:
+    """A float64, train-mode, perturbed copy of the model with a seeded forward pass."""
+
+    def __init__(self, model: nn.Module, example_input: Any, seed: int) -> None:
+        self.model = copy.deepcopy(model).double().train()
+        self.seed = seed
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                p.add_(noise * (0.1 * p.abs().mean() + 1e-3))
+        for m in self.model.modules():
+            if isinstance(m, _BatchNorm):
+                m.eps = 1e-30
+        self.inputs = _map_floats(example_input, lambda t: t.detach().double())
+        self.called: set[nn.Module] = set()
+        hooks = [m.register_forward_hook(lambda m, i, o: self.called.add(m)) for m in self.model.modules()
+                 if isinstance(m, CANDIDATE_TYPES)]
+        self.reference = self.forward()
+        for h in hooks:
+            h.remove()
+
+    @torch.no_grad()
+    def forward(self) -> list[Tensor]:
+        with torch.random.fork_rng(devices=[]):  # the same dropout masks every time
+            torch.manual_seed(self.seed)
+            if isinstance(self.inputs, (tuple, list)):
+                out = self.model(*self.inputs)
+            elif isinstance(self.inputs, dict):
+                out = self.model(**self.inputs)
+            else:
+                out = self.model(self.inputs)
+        return list(_flat_outputs(out))
+
+    def unchanged(self) -> bool:
+        out = self.forward()
+        return all(
+            torch.isfinite(o).all() and (o - r).abs().max() <= _RTOL * (r.abs().max() + 1e-30)
+            for o, r in zip(out, self.reference, strict=True)
+        )
+
+    @torch.no_grad()
+    def invariant_under(self, layer: nn.Module, with_bias: bool) -> bool:
+        """Rescale the layer's neurons (and bias) by random positive factors: does the output stay?"""
+        tensors = [layer.weight] + ([layer.bias] if with_bias else [])
+        saved = [t.clone() for t in tensors]
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        a = random_scales(layer.weight.shape[0], 0.1, 10.0, generator=gen).to(layer.weight.device)
+        for t in tensors:
+            t.copy_(rescale(t, a))
+        try:
+            return self.unchanged()
+        finally:
+            for t, s in zip(tensors, saved, strict=True):
+                t.copy_(s)
+
+
+def _discover(model: nn.Module, example_input: Any, seed: int = 0) -> list[tuple[str, bool]]:
+    """(name, bias scales with the weight) for every scale-invariant layer, in module order."""
+    probe = _Probe(model, example_input, seed)
+    found = []
+    for name, layer in probe.model.named_modules():
+        if not isinstance(layer, CANDIDATE_TYPES) or layer not in probe.called:
+            continue
+        if probe.invariant_under(layer, with_bias=False):
+            found.append((name, False))
+        elif layer.bias is not None and probe.invariant_under(layer, with_bias=True):
+            found.append((name, True))
+    return found
+
+
+def find_scale_invariant(model: nn.Module, example_input: Any, *, seed: int = 0) -> list[str]:
+    """Names (as in ``model.named_modules()``) of the layers whose neurons are positively
+    scale-invariant. ``example_input`` is one batch (2 or more samples: BN needs them) in the
+    form ``model`` takes: a tensor, a tuple of positional arguments or a dict of keyword ones.
+    The model itself is not changed (the check runs on a copy)."""
+    return [name for name, _ in _discover(model, example_input, seed)]
+
+
+def param_groups(model: nn.Module, example_input: Any, *, seed: int = 0, **hyper: Any) -> list[dict[str, Any]]:
+    """Optimizer groups: one ``{'params': [weight] or [weight, bias], 'psi': True, 'name': ...}``
+    per scale-invariant layer (the bias is in it only when it must scale with the weight),
+    then ``{'params': <every other parameter>, 'psi': False}``. ``hyper`` (``lr=...``,
+    ``weight_decay=...``) is copied into every group."""
+    modules = dict(model.named_modules())
+    groups, taken = [], set()
+    for name, with_bias in _discover(model, example_input, seed):
+        layer = modules[name]
+        params = [layer.weight] + ([layer.bias] if with_bias else [])
+        groups.append({"params": params, "psi": True, "name": name, **hyper})
+        taken.update(id(p) for p in params)
+    rest, seen = [], set()
+    for p in model.parameters():
+        if id(p) not in taken and id(p) not in seen and p.requires_grad:
+            rest.append(p)
+            seen.add(id(p))
+    groups.append({"params": rest, "psi": False, **hyper})
+    return groups

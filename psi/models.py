@@ -1,0 +1,147 @@
+"""Networks used in the paper and the notebooks.
+
+- ``resnet20/32/44/56``: He et al. 2016's CIFAR ResNets (section 4.2 of their paper): three
+  stages of 16, 32, 64 channels, ``n`` basic blocks each (depth ``6n + 2``), identity
+  shortcuts with zero-padding when the shape changes ("option A").
+- ``resnet18``: the ImageNet ResNet-18 widths (64..512, projection shortcuts) with a 3x3
+  CIFAR stem; the "ResNet-18-sized" network of the optimizer benchmark (11.2M parameters).
+- ``ToyNet``: section 6.1's regressor ``w1^T ELU(BN(W2 x))`` (the paper's formula shows no BN;
+  the PSI methods need one after ``W2 x``, so it is there).
+- ``BNMLP`` and ``SmallCNN``: small BN networks for the theory notebooks and the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "ToyNet", "BNMLP",
+           "SmallCNN", "MODELS", "build_model"]
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus shortcut, then ReLU. ``option='A'``: zero-padded identity."""
+
+    def __init__(self, cin: int, cout: int, stride: int, option: str = "A") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = 0
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            if option == "A":
+                self.pad, self.stride = cout - cin, stride
+            else:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.pad:
+            short = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        else:
+            short = self.shortcut(x)
+        return F.relu(out + short)
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 images: 3x3 stem, stages of ``blocks`` basic blocks, global pooling, linear."""
+
+    def __init__(self, blocks: list[int], widths: list[int], num_classes: int = 10, option: str = "A") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, option))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cifar(depth: int):
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+
+    def build(num_classes: int = 10) -> CifarResNet:
+        return CifarResNet([n, n, n], [16, 32, 64], num_classes)
+
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"He et al.'s CIFAR ResNet-{depth} (option A shortcuts)."
+    return build
+
+
+resnet20, resnet32, resnet44, resnet56 = (_cifar(d) for d in (20, 32, 44, 56))
+
+
+def resnet18(num_classes: int = 10) -> CifarResNet:
+    """ResNet-18 widths with a CIFAR stem and 1x1 projection shortcuts (option B)."""
+    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, option="B")
+
+
+class ToyNet(nn.Module):
+    """Section 6.1: ``f(x) = w1^T ELU(BN(W2 x))``, ``W2`` of shape (hidden, d_in)."""
+
+    def __init__(self, d_in: int = 10, hidden: int = 100) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_in, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden, affine=False)
+        self.out = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.elu(self.bn(self.hidden(x)))).squeeze(-1)
+
+
+class BNMLP(nn.Module):
+    """Linear-BN-ReLU blocks then a linear classifier (Figure 1's network with ``hidden=[h]``)."""
+
+    def __init__(self, d_in: int, hidden: list[int], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(d_in, h, bias=False), nn.BatchNorm1d(h), nn.ReLU()]
+            d_in = h
+        layers.append(nn.Linear(d_in, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv-BN-ReLU-pool stages and a linear head, for quick image experiments."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+MODELS = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56,
+          "resnet18": resnet18, "smallcnn": SmallCNN}
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A CIFAR model by name (``MODELS``); an unknown name lists the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes)

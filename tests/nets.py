@@ -1,0 +1,90 @@
+"""Small BN networks for the tests: each with the layers that must and must not be found."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mixed(nn.Module):
+    """Conv/linear -> BN through homogeneous ops, grouped/depthwise conv, 1x1 shortcut, classifier."""
+
+    invariant = ["stem", "dw", "grouped", "block.conv1", "block.conv2", "block.short", "biased", "fc1"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)  # bias, then BN directly: bias need not scale
+        self.bn0 = nn.BatchNorm2d(8, affine=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)  # depthwise
+        self.bn_dw = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 12, 1, groups=4, bias=False)
+        self.bn_g = nn.BatchNorm2d(12)
+        self.block = nn.Module()
+        self.block.conv1 = nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False)
+        self.block.bn1 = nn.BatchNorm2d(16)
+        self.block.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.block.bn2 = nn.BatchNorm2d(16)
+        self.block.short = nn.Conv2d(12, 16, 1, stride=2, bias=False)  # 1x1 shortcut -> BN
+        self.block.bn_s = nn.BatchNorm2d(16)
+        self.biased = nn.Conv2d(16, 16, 3, padding=1)  # bias, ReLU, pool, dropout, then BN: bias scales
+        self.bn_b = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16 * 4 * 4, 20)
+        self.bn_fc = nn.BatchNorm1d(20)
+        self.fc2 = nn.Linear(20, 5)  # classifier: not invariant
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn_dw(self.dw(x)))
+        x = F.relu(self.bn_g(self.grouped(x)))
+        b = self.block
+        x = F.relu(b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x))))) + b.bn_s(b.short(x)))
+        x = self.bn_b(F.dropout(F.max_pool2d(F.leaky_relu(self.biased(x), 0.1), 2), 0.2, self.training))
+        x = F.relu(x)
+        x = self.bn_fc(F.dropout(self.fc1(torch.flatten(x, 1)), 0.1, self.training))
+        return self.fc2(F.relu(x))
+
+
+class PreActBlockNet(nn.Module):
+    """Pre-activation residual block: its last conv reaches the sum without BN."""
+
+    invariant = ["conv1"]  # conv0 also feeds the sum around bn1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)  # -> x + conv2(...): not invariant
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        x = F.relu(self.bn3(x + out))
+        return self.fc(x.mean((2, 3)))
+
+
+class ResidualNoBN(nn.Module):
+    """A branch added to a BN'd path without its own BN, and a layer followed only by LayerNorm/GroupNorm."""
+
+    invariant = ["a"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 10, bias=False)
+        self.bn = nn.BatchNorm1d(10)
+        self.branch = nn.Linear(10, 10)  # x + branch(x): reaches the loss around any BN
+        self.ln_in = nn.Linear(10, 10)
+        self.ln = nn.LayerNorm(10)
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(10 + 40, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.a(x)))
+        h = h + self.branch(h)
+        h = self.ln(self.ln_in(h))
+        g = self.gn(self.conv(h.unsqueeze(1))).flatten(1)
+        return self.head(torch.cat([h, g], 1))

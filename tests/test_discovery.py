@@ -1,0 +1,60 @@
+"""Discovery: every scale-invariant layer, nothing else (issue: psi core, item 2)."""
+
+import torch
+from torch import nn
+
+import psi
+from psi.models import BNMLP, ToyNet, resnet20
+from tests.nets import Mixed, PreActBlockNet, ResidualNoBN
+
+
+def test_mixed_network():
+    m = Mixed()
+    assert sorted(psi.find_scale_invariant(m, torch.randn(4, 3, 16, 16))) == sorted(Mixed.invariant)
+
+
+def test_bias_joins_the_group_only_when_it_must_scale():
+    m = Mixed()
+    groups = {g.get("name"): g for g in psi.param_groups(m, torch.randn(4, 3, 16, 16), lr=0.1)}
+    assert [id(p) for p in groups["biased"]["params"]] == [id(m.biased.weight), id(m.biased.bias)]
+    assert [id(p) for p in groups["stem"]["params"]] == [id(m.stem.weight)]
+    rest = groups[None]["params"]
+    assert groups[None]["psi"] is False and groups["stem"]["psi"] is True and groups["stem"]["lr"] == 0.1
+    assert id(m.stem.bias) in {id(p) for p in rest} and id(m.fc2.weight) in {id(p) for p in rest}
+    assert len({id(p) for g in groups.values() for p in g["params"]}) == len(list(m.parameters()))
+
+
+def test_preactivation_block_last_conv_is_rejected():
+    assert sorted(psi.find_scale_invariant(PreActBlockNet(), torch.randn(4, 3, 8, 8))) == PreActBlockNet.invariant
+
+
+def test_residual_without_bn_layernorm_groupnorm_rejected():
+    assert psi.find_scale_invariant(ResidualNoBN(), torch.randn(8, 6)) == ResidualNoBN.invariant
+
+
+def test_resnet20_all_convs_but_not_classifier():
+    m = resnet20()
+    found = psi.find_scale_invariant(m, torch.randn(4, 3, 32, 32))
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert found == convs and len(convs) == 19
+
+
+def test_zero_init_does_not_fool_the_check():
+    m = BNMLP(5, [7, 7], 3)
+    nn.init.zeros_(m.net[-1].weight)  # a zero classifier must still be rejected
+    m.net[2].weight.data.zero_()  # BN scale 0: the layer before stays invariant, the network still depends
+    assert psi.find_scale_invariant(m, torch.randn(6, 5)) == ["net.1", "net.4"]
+
+
+def test_toy_net_and_model_unchanged():
+    m = ToyNet()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert psi.find_scale_invariant(m.eval(), torch.randn(16, 10)) == ["hidden"]
+    assert not m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_unused_layer_is_not_reported():
+    m = BNMLP(5, [7], 3)
+    m.spare = nn.Linear(5, 5)
+    assert psi.find_scale_invariant(m, torch.randn(6, 5)) == ["net.1"]

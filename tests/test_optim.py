@@ -1,0 +1,225 @@
+"""PSISGD: Theorem 1, the step against eq. 10 / Algorithm 1, torch SGD on the rest, state."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import psi
+from psi import manifold as M
+from tests.nets import Mixed
+
+
+def _exact_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = 1e-30  # BN's eps breaks the symmetry at tiny scales; Theorem 1 is about the exact one
+    return model.double()
+
+
+def _batches(n, shape=(8, 3, 16, 16), classes=5):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(classes, (shape[0],), generator=g))
+            for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    torch.manual_seed(2)  # the same dropout masks for every copy
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _rescaled_copy(model, groups):
+    twin = copy.deepcopy(model)
+    mods = dict(twin.named_modules())
+    with torch.no_grad():
+        for g in groups:
+            if g["psi"]:
+                layer = mods[g["name"]]
+                a = M.random_scales(layer.weight.shape[0], 1e-3, 1e3, dtype=torch.float64)
+                for p in [layer.weight] + ([layer.bias] if len(g["params"]) == 2 else []):
+                    p.copy_(M.rescale(p, a))
+    return twin
+
+
+def _psi_weights(model, groups):
+    mods = dict(model.named_modules())
+    return [mods[g["name"]].weight for g in groups if g["psi"]]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(momentum=0.9, weight_decay=5e-4),
+    dict(momentum=0.9, nesterov=True, max_norm=50.0),  # the safeguard fires on the rescaled copy
+    dict(momentum=0.0),
+], ids=["sgdm-wd", "nesterov-maxnorm", "sgd"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_theorem1_equivariance(kw, foreach):
+    torch.manual_seed(0)
+    model = _exact_bn(Mixed())
+    x0 = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    groups = psi.param_groups(model, x0)
+    twin = _rescaled_copy(model, groups)
+    assert M.dist(_psi_weights(model, groups), _psi_weights(twin, groups)) < 1e-12
+    assert max((a - b).abs().max() for a, b in zip(_psi_weights(model, groups), _psi_weights(twin, groups))) > 1.0
+    batches = _batches(50)
+    for m in (model, twin):
+        _train(m, psi.PSISGD(psi.param_groups(m, x0), lr=0.05, foreach=foreach, **kw), batches)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(3)
+        out = model(x0)
+        torch.manual_seed(3)
+        torch.testing.assert_close(twin(x0), out, rtol=1e-9, atol=1e-9)
+    for a, b in zip(_psi_weights(model, groups), _psi_weights(twin, groups)):
+        torch.testing.assert_close(M.canonical(b), M.canonical(a), rtol=1e-9, atol=1e-9)
+    moved = M.dist(_psi_weights(model, groups), [M.canonical(w) for w in _psi_weights(Mixed(), groups)])
+    assert moved > 0.1  # it did train
+
+
+def test_theorem1_fails_for_sgd():
+    torch.manual_seed(0)
+    model = _exact_bn(Mixed())
+    x0 = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    groups = psi.param_groups(model, x0)
+    twin = _rescaled_copy(model, groups)
+    batches = _batches(50)
+    for m in (model, twin):
+        _train(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), batches)
+    gap = M.dist(_psi_weights(model, groups), _psi_weights(twin, groups))
+    assert gap > 0.1
+    with torch.no_grad():
+        assert (twin(x0) - model(x0)).abs().max() > 1e-3
+
+
+def _reference_step(w, u, G, lr, rho):
+    """Algorithm 1 written from the paper, neuron by neuron: u <- rho u - lr ||w||^2 G; w <- w + u."""
+    w, u = w.clone(), u.clone()
+    for i in range(w.shape[0]):
+        u[i] = rho * u[i] - lr * w[i].flatten().dot(w[i].flatten()) * G[i]
+        w[i] = w[i] + u[i]
+    return w, u
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_step_matches_eq10_and_algorithm1(foreach, rho):
+    shapes = [(6, 3, 3, 3), (4, 7)]
+    ws = [torch.randn(s, dtype=torch.float64) * 3 for s in shapes]
+    params = [w.clone().requires_grad_() for w in ws]
+    opt = psi.PSISGD([{"params": params, "psi": True}], lr=0.1, momentum=rho, foreach=foreach, max_norm=None)
+    us = [torch.zeros_like(w) for w in ws]
+    for _ in range(4):
+        Gs = [torch.randn_like(w) for w in ws]
+        for p, G in zip(params, Gs):
+            p.grad = G.clone()
+        opt.step()
+        for k, G in enumerate(Gs):
+            ws[k], us[k] = _reference_step(ws[k], us[k], G, 0.1, rho)
+            assert torch.equal(params[k].grad, G)  # .grad is never modified
+        for p, w in zip(params, ws):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_and_bias_share_their_neurons():
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    opt = psi.PSISGD([{"params": [w, b], "psi": True}], lr=0.1)
+    w.grad, b.grad = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    sq = (w * w).sum(1) + b * b
+    ew, eb = w.detach() - 0.1 * sq[:, None] * w.grad, b.detach() - 0.1 * sq * b.grad
+    opt.step()
+    torch.testing.assert_close(w.detach(), ew)
+    torch.testing.assert_close(b.detach(), eb)
+
+
+def test_max_norm_rescales_weight_and_buffer_together():
+    w = torch.tensor([[300.0, 400.0], [0.3, 0.4]], dtype=torch.float64, requires_grad=True)
+    opt = psi.PSISGD([{"params": [w], "psi": True}], lr=1e-9, momentum=0.9, max_norm=100.0)
+    w.grad = torch.tensor([[4.0, -3.0], [4.0, -3.0]], dtype=torch.float64)
+    opt.step()
+    buf = opt.state[w]["momentum_buffer"]
+    torch.testing.assert_close(w.norm(dim=1), torch.tensor([1.0, 0.5], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(buf[0], 500.0**2 * w.grad[0] / 500.0)
+    torch.testing.assert_close(buf[1], 0.5**2 * w.grad[1])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, weight_decay=1e-3), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.5, dampening=0.3, maximize=True)])
+def test_non_psi_groups_are_torch_sgd_to_the_bit(foreach, kw):
+    torch.manual_seed(0)
+    a = Mixed()
+    b = copy.deepcopy(a)
+    batches = [(x.float(), y) for x, y in _batches(6)]
+    _train(a, torch.optim.SGD(a.parameters(), lr=0.05, foreach=foreach, **kw), batches)
+    _train(b, psi.PSISGD(b.parameters(), lr=0.05, foreach=foreach, **kw), batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_weight_decay_is_off_on_psi_groups_unless_asked():
+    model = Mixed()
+    groups = psi.param_groups(model, torch.randn(4, 3, 16, 16))
+    opt = psi.PSISGD(groups[:-1] + [groups[-1]] + [], lr=0.1, weight_decay=5e-4)
+    assert {g["weight_decay"] for g in opt.param_groups if g["psi"]} == {0.0}
+    assert opt.param_groups[-1]["weight_decay"] == 5e-4
+    opt2 = psi.PSISGD([dict(groups[0], weight_decay=1e-2)], lr=0.1)
+    assert opt2.param_groups[0]["weight_decay"] == 1e-2
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_mid_training(foreach, tmp_path):
+    torch.manual_seed(0)
+    x0 = torch.randn(8, 3, 16, 16)
+    batches = [(x.float(), y) for x, y in _batches(10)]
+    a = Mixed()
+    opt = psi.PSISGD(psi.param_groups(a, x0), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=foreach)
+    _train(a, opt, batches[:5])
+    torch.save({"model": a.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    _train(a, opt, batches[5:])
+    b = Mixed()
+    ck = torch.load(tmp_path / "ck.pt")
+    b.load_state_dict(ck["model"])
+    opt_b = psi.PSISGD(psi.param_groups(b, x0), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=foreach)
+    opt_b.load_state_dict(ck["opt"])
+    _train(b, opt_b, batches[5:])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_gradscaler_skips_inf_steps():
+    model = Mixed()
+    opt = psi.PSISGD(psi.param_groups(model, torch.randn(4, 3, 16, 16)), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(5, (4,))
+    before = [p.clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0**10
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+def test_step_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    params = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(5, 6, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    eager = psi.PSISGD([{"params": params, "psi": True}], lr=0.1, momentum=0.9)
+    compiled = psi.PSISGD([{"params": twins, "psi": True}], lr=0.1, momentum=0.9)
+    step = torch.compile(compiled.step, fullgraph=False)
+    for gs in grads:
+        for p, q, g in zip(params, twins, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        eager.step()
+        step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
