@@ -6,14 +6,17 @@ with the retraction ``W + X`` (eq. 8). Every other group takes exactly ``torch.o
 step: the same functional core is called, so a ``PSISGD`` without psi groups *is* SGD, bit
 for bit.
 
-Momentum follows ``torch.optim.SGD``'s convention (buffer ``b <- mu b + (1 - dampening) r``,
-step ``w <- w - lr b``), with ``r`` the Riemannian gradient. With a constant ``lr`` this is
-Algorithm 1 exactly (``u = -lr b``); when a schedule changes ``lr`` the whole buffer takes the
-new rate at once, as in torch's SGD, where Algorithm 1 would keep the old rate inside ``u``.
+Momentum on psi groups is Algorithm 1 as printed: the state ``momentum_buffer`` of a psi
+tensor is the velocity ``u`` in weight units (``u <- mu u - lr ||w||^2 G``, ``w <- w + u``), so
+a change of ``lr`` by a schedule acts on new gradients only. torch's SGD (and so the non-psi
+groups) keeps ``b`` with ``w <- w - lr b`` instead; with a constant ``lr`` the two agree
+(``u = -lr b``). Dampening, Nesterov and the first step (``u = -lr ||w||^2 G``, undampened)
+follow torch's SGD.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,8 +47,8 @@ class PSISGD(Optimizer):
             The norm is the one measured at the start of the step (it is needed there for
             eq. 7), so the rescaling lands one step after the crossing; rescaling commutes
             with the step (Theorem 1), so where it lands changes no class. ``None`` disables it.
-        foreach: multi-tensor path; ``None`` picks it on CUDA (as torch does) and on the CPU
-            for psi groups, where it is faster.
+        foreach: multi-tensor path. ``None`` picks it on every device for every group; on the
+            CPU it is faster too, and torch's SGD gives the same bits on either path (tested).
 
     The step makes no host-device synchronisation and never writes ``.grad``.
     """
@@ -87,22 +90,27 @@ class PSISGD(Optimizer):
         super().add_param_group(param_group)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    bufs: list[Tensor | None], neuron_sets: list[int]) -> bool:
+                    bufs: list[Tensor | None], neuron_sets: list[int], first_label: int = 0) -> bool:
+        """Collect the tensors with a gradient (as torch's SGD does); for psi groups, label
+        their neurons: a 1-D tensor right after a weight with as many neurons is its bias and
+        shares its neurons, every other tensor has its own."""
         has_sparse_grad = False
-        label, last = -1, None
+        momentum = group["momentum"] != 0
+        label, last = first_label - 1, None
         for p in group["params"]:
-            # a 1-D tensor right after a weight with as many neurons is its bias: same neurons
-            if not (p.dim() == 1 and last is not None and last.dim() > 1 and last.shape[0] == p.shape[0]):
+            if not (last is not None and p.dim() == 1 and last.dim() > 1 and last.shape[0] == p.shape[0]):
                 label += 1
             last = p
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             neuron_sets.append(label)
-            has_sparse_grad |= p.grad.is_sparse
-            if group["momentum"] != 0:
-                bufs.append(self.state[p].get("momentum_buffer"))
+            has_sparse_grad |= grad.is_sparse
+            if momentum:
+                state = self.state.get(p)
+                bufs.append(None if state is None else state.get("momentum_buffer"))
         if has_sparse_grad and group["psi"]:
             raise RuntimeError("PSISGD does not support sparse gradients in a psi group")
         return has_sparse_grad
@@ -115,7 +123,7 @@ class PSISGD(Optimizer):
         call (one group per layer is the usual layout, and a call per layer would cost a
         Python round trip each); a psi group's tensors share their neurons: the norm of
         neuron ``i`` is taken over row ``i`` of all of them (a weight and the bias that
-        scales with it).
+        scales with it: a 1-D tensor placed right after a weight with as many neurons).
         """
         loss = None
         if closure is not None:
@@ -123,36 +131,37 @@ class PSISGD(Optimizer):
                 loss = closure()
         buckets: dict[tuple, tuple[list, list, list, list]] = {}
         for group in self.param_groups:
+            if group["psi"]:
+                b = buckets.setdefault(_psi_hyper(group), ([], [], [], []))
+                self._init_group(group, *b, first_label=b[3][-1] + 1 if b[3] else 0)
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list[Tensor | None] = []
-            sets: list[int] = []
-            has_sparse_grad = self._init_group(group, params, grads, bufs, sets)
-            if group["psi"]:
-                b = buckets.setdefault(tuple(group[k] for k in _PSI_KEYS), ([], [], [], []))
-                offset = b[3][-1] + 1 if b[3] else 0
-                b[0].extend(params), b[1].extend(grads), b[2].extend(bufs)
-                b[3].extend(offset + s for s in sets)
-                continue
+            has_sparse_grad = self._init_group(group, params, grads, bufs, [])
+            foreach = group["foreach"]
             _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                        lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                       maximize=group["maximize"], has_sparse_grad=has_sparse_grad, foreach=group["foreach"],
+                       maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
+                       foreach=not has_sparse_grad if foreach is None else foreach,
                        fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
                        found_inf=getattr(self, "found_inf", None))
-            self._store(group, params, bufs)
+            self._store(params, bufs)
         for key, (params, grads, bufs, neuron_sets) in buckets.items():
             hyper = dict(zip(_PSI_KEYS, key, strict=True))
+            created = bufs and any(b is None for b in bufs)
             psi_sgd(params, grads, bufs, neuron_sets=neuron_sets, **hyper)
-            self._store(hyper, params, bufs)
+            if created:
+                self._store(params, bufs)
         return loss
 
-    def _store(self, group: dict[str, Any], params: list[Tensor], bufs: list[Tensor | None]) -> None:
-        if group["momentum"] != 0:
-            for p, buf in zip(params, bufs, strict=True):
-                self.state[p]["momentum_buffer"] = buf
+    def _store(self, params: list[Tensor], bufs: list[Tensor | None]) -> None:
+        for p, buf in zip(params, bufs):  # empty when there is no momentum
+            self.state[p]["momentum_buffer"] = buf
 
 
 _PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach")
+_psi_hyper = operator.itemgetter(*_PSI_KEYS)
 
 
 class PSIGD(PSISGD):
@@ -162,14 +171,6 @@ class PSIGD(PSISGD):
     or a minibatch); the optimizer cannot tell the two apart, so this class only changes the
     name. Feed it full-batch gradients (Theorem 2's setting).
     """
-
-
-def _rows(w: Tensor) -> Tensor:
-    return w.reshape(w.shape[0], -1)
-
-
-def _as_column(v: Tensor, w: Tensor) -> Tensor:
-    return v.view((-1,) + (1,) * (w.dim() - 1))
 
 
 def psi_sgd(
@@ -189,87 +190,110 @@ def psi_sgd(
 ) -> None:
     """Functional PSI-SGD(M) over scale-invariant tensors (neurons on axis 0); see :class:`PSISGD`.
 
+    ``momentum_buffer_list`` holds Algorithm 1's ``u`` (``w_{t+1} = w_t + u_{t+1}``).
     ``neuron_sets[k]`` labels the neurons of ``params[k]``: tensors with the same label share
     them (row ``i`` of each is part of neuron ``i``); ``None`` gives every tensor its own.
     """
-    if foreach is None:
-        foreach = not torch.jit.is_scripting()
-    fn = _multi_tensor_psi_sgd if foreach else _single_tensor_psi_sgd
-    sq, cap = _neuron_sqnorms_and_caps(params, neuron_sets, max_norm)
-    fn(params, grads, momentum_buffer_list, sq, cap, lr=lr, momentum=momentum, dampening=dampening,
-       nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)
-
-
-def _neuron_sqnorms_and_caps(params: list[Tensor], neuron_sets: list[int] | None,
-                             max_norm: float | None) -> tuple[list[Tensor], list[Tensor] | None]:
-    """``||w(i)||^2`` for every tensor's neurons (shaped to broadcast), and the safeguard
-    factors (1, or 1/||w(i)|| where ``||w(i)|| > max_norm``)."""
-    if not params:
-        return [], None
-    sq = [torch.linalg.vecdot(_rows(w), _rows(w)) for w in params]
-    if neuron_sets is not None and len(set(neuron_sets)) < len(neuron_sets):
-        total: dict[int, Tensor] = {}
-        for s, v in zip(neuron_sets, sq, strict=True):
-            total[s] = total[s] + v if s in total else v
-        sq = [total[s] for s in neuron_sets]
-    sizes = [w.shape[0] for w in params]
-    flat = torch.cat(sq)
-    sq = [_as_column(v, w) for v, w in zip(flat.split(sizes), params, strict=True)]
-    if max_norm is None:
-        return sq, None
-    cap = torch.where(flat > max_norm**2, flat.rsqrt(), torch.ones_like(flat))
-    return sq, [_as_column(v, w) for v, w in zip(cap.split(sizes), params, strict=True)]
-
-
-def _single_tensor_psi_sgd(params, grads, bufs, sq, caps, *, lr, momentum, dampening, nesterov, weight_decay,
-                           maximize) -> None:
-    for i, (w, g, r2) in enumerate(zip(params, grads, sq, strict=True)):
-        g = -g if maximize else g
-        if weight_decay != 0:
-            g = g.add(w, alpha=weight_decay)
-        if momentum != 0:
-            buf = bufs[i]
-            if buf is None:  # first step: the buffer is the Riemannian gradient, as in torch's SGD
-                buf = torch.mul(g, r2).detach()
-                bufs[i] = buf
-            else:
-                buf.mul_(momentum).addcmul_(g, r2, value=1 - dampening)
-            step = buf.mul(momentum).addcmul_(g, r2) if nesterov else buf
-        else:
-            step = g * r2
-        w.add_(step, alpha=-lr)
-        if caps is not None:
-            w.mul_(caps[i])
-            if momentum != 0:
-                buf.mul_(caps[i])
-
-
-def _multi_tensor_psi_sgd(params, grads, bufs, sq, caps, *, lr, momentum, dampening, nesterov, weight_decay,
-                          maximize) -> None:
     if not params:
         return
-    if maximize:
-        grads = torch._foreach_neg(grads)
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    # Tensors sorted by dimension (stable), so that the per-neuron coefficients of each
+    # dimension are one contiguous block: a few views and splits give every tensor its
+    # broadcastable columns (a per-tensor view would cost a Python round trip each).
+    order = sorted(range(len(params)), key=lambda i: params[i].dim())
+    us = momentum_buffer_list
+    if order != sorted(order):
+        params, grads, us = ([xs[i] for i in order] for xs in (params, grads, us)) if us else \
+            ([params[i] for i in order], [grads[i] for i in order], us)
+        neuron_sets = None if neuron_sets is None else [neuron_sets[i] for i in order]
     if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if momentum != 0:
-        old = [i for i, b in enumerate(bufs) if b is not None]
-        if old:
-            ob = [bufs[i] for i in old]
-            torch._foreach_mul_(ob, momentum)
-            torch._foreach_addcmul_(ob, [grads[i] for i in old], [sq[i] for i in old], value=1 - dampening)
-        for i, b in enumerate(bufs):
-            if b is None:  # first step: the buffer is the Riemannian gradient, as in torch's SGD
-                bufs[i] = torch.mul(grads[i], sq[i]).detach()
-        if nesterov:
-            steps = torch._foreach_mul(bufs, momentum)
-            torch._foreach_addcmul_(steps, grads, sq)
+        grads = torch._foreach_add(grads, params, alpha=weight_decay) if foreach else \
+            [g.add(w, alpha=weight_decay) for g, w in zip(grads, params, strict=True)]
+    # the gradient's factor -lr ||w(i)||^2 (eq. 7, 10) and the safeguard's factor (1 or 1/||w(i)||)
+    sizes = [w.shape[0] for w in params]
+    flat_sq = torch.cat([torch.linalg.vector_norm(w.reshape(n, -1), dim=1) for w, n in zip(params, sizes)]).square()
+    if neuron_sets is not None and len(set(neuron_sets)) < len(neuron_sets):  # some tensors share neurons
+        flat_sq = _sum_shared(flat_sq, sizes, neuron_sets)
+    gcoef = flat_sq * (lr if maximize else -lr)
+    rows = [gcoef]
+    if max_norm is not None:
+        cap = torch.where(flat_sq > max_norm**2, flat_sq.rsqrt(), torch.ones_like(flat_sq))
+        rows = [gcoef * cap, cap, cap * momentum]
+    coefs = torch.stack(rows)
+    cols: list[list[Tensor]] = [[] for _ in rows]
+    start, offset = 0, 0
+    while start < len(params):
+        dim, end = params[start].dim(), start
+        while end < len(params) and params[end].dim() == dim:
+            end += 1
+        n = sum(sizes[start:end])
+        block = coefs[:, offset:offset + n].view((len(rows), n) + (1,) * (dim - 1))
+        for col, c in zip(cols, block.unbind(0), strict=True):
+            col.extend(c.split(sizes[start:end]))
+        start, offset = end, offset + n
+    caps, mucaps = (cols[1], cols[2]) if max_norm is not None else (None, None)
+    fn = _multi_tensor_psi_sgd if foreach else _single_tensor_psi_sgd
+    fn(params, grads, us, cols[0], caps, mucaps, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    if us is not momentum_buffer_list:  # new buffers back to the caller's order
+        for pos, i in enumerate(order):
+            momentum_buffer_list[i] = us[pos]
+
+
+def _sum_shared(flat_sq: Tensor, sizes: list[int], neuron_sets: list[int]) -> Tensor:
+    """Give every tensor the squared norms of its neuron set (summed over the set's tensors)."""
+    parts = flat_sq.split(sizes)
+    total: dict[int, Tensor] = {}
+    for label, v in zip(neuron_sets, parts, strict=True):
+        total[label] = total[label] + v if label in total else v
+    return torch.cat([total[label] for label in neuron_sets])
+
+
+# In both paths below, with c = -lr ||w||^2 cap (per neuron) and cap the safeguard factor:
+#   u <- cap mu u + (1 - dampening) c g     (the first u is c g, as torch's first buffer is g)
+#   w <- cap w + u                          (nesterov: cap w + mu u + c g)
+# which is Algorithm 1 followed by the safeguard's rescaling of w and u (section 6.2).
+
+def _single_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, dampening, nesterov) -> None:
+    for i, (w, g, c) in enumerate(zip(params, grads, gcoef, strict=True)):
+        if momentum == 0:
+            if caps is not None:
+                w.mul_(caps[i])
+            w.addcmul_(g, c)
+            continue
+        u = us[i]
+        if u is None:
+            u = us[i] = torch.mul(g, c).detach()
         else:
-            steps = bufs
+            u.mul_(momentum if mucaps is None else mucaps[i]).addcmul_(g, c, value=1 - dampening)
+        step = torch.addcmul(u * momentum, g, c) if nesterov else u
+        if caps is None:
+            w.add_(step)
+        else:
+            torch.addcmul(step, w, caps[i], out=w)
+
+
+def _multi_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, dampening, nesterov) -> None:
+    if momentum == 0:
+        if caps is not None:
+            torch._foreach_mul_(params, caps)
+        torch._foreach_addcmul_(params, grads, gcoef)
+        return
+    if all(u is not None for u in us):
+        torch._foreach_mul_(us, momentum if mucaps is None else mucaps)
+        torch._foreach_addcmul_(us, grads, gcoef, value=1 - dampening)
+    else:  # some buffers are new (first step, or a parameter that had no gradient before)
+        for i, u in enumerate(us):
+            if u is None:
+                us[i] = torch.mul(grads[i], gcoef[i]).detach()
+            else:
+                u.mul_(momentum if mucaps is None else mucaps[i]).addcmul_(grads[i], gcoef[i], value=1 - dampening)
+    steps = us
+    if nesterov:
+        steps = torch._foreach_mul(us, momentum)
+        torch._foreach_addcmul_(steps, grads, gcoef)
+    if caps is None:
+        torch._foreach_add_(params, steps)
     else:
-        steps = torch._foreach_mul(grads, sq)
-    torch._foreach_add_(params, steps, alpha=-lr)
-    if caps is not None:
-        torch._foreach_mul_(params, caps)
-        if momentum != 0:
-            torch._foreach_mul_(bufs, caps)
+        for w, s, c in zip(params, steps, caps, strict=True):
+            torch.addcmul(s, w, c, out=w)  # cap w + step in one pass
