@@ -2,7 +2,7 @@
 
     python -m psi.train --dataset cifar10 --model resnet20 --optimizer psi-sgdm --epochs 200 \\
         --seed 0 --data-dir DIR --out runs [--subset 5000] [--device cuda] [--amp bf16]
-    torchrun --nproc_per_node 2 -m psi.train ...      (data-parallel, SyncBatchNorm)
+    torchrun --nproc_per_node 2 -m psi.train ...      (data-parallel; SyncBatchNorm on CUDA)
     python -m psi.train --model resnet20 resnet32 --optimizer sgd psi-sgdm --seed 0 1 2 --shard 2/4
 
 A run folder ``<out>/<dataset>-<model>-<optimizer>-s<seed>-<hash>`` (the hash is of the whole
@@ -68,6 +68,7 @@ class Config:
     subset: int | None = None
     val_size: int = 0
     max_norm: float | None = 1e4
+    bn_split: int = 1
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
@@ -263,7 +264,8 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             with autocast():
-                logits = net(x)
+                # bn_split > 1: BN statistics per slice, as that many processes without SyncBatchNorm
+                logits = net(x) if cfg.bn_split == 1 else torch.cat([net(c) for c in x.chunk(cfg.bn_split)])
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -298,7 +300,7 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
                 f.write(json.dumps(row) + "\n")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                      "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}
-            _atomic_write(ckpt_path, lambda f: torch.save(state, f))
+            _atomic_write(ckpt_path, lambda f, state=state: torch.save(state, f))
         if show:
             print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
                   f"{eval_name} acc {eval_acc:.4f}, {seconds:.1f}s", file=sys.stderr)
@@ -311,7 +313,7 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
                "data_source": ds.source, "torch": torch.__version__}
     if rank == 0:
         _write_json(out / "summary.json", summary)
-    return summary
+    return json.loads(json.dumps(summary))  # as it reads back from summary.json
 
 
 def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dataset | None = None,
@@ -355,6 +357,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--subset", type=int, help="a fixed class-balanced subset of N training images")
     ap.add_argument("--val-size", type=int, default=0,
                     help="hold out N training images as a validation split, evaluated instead of the test set")
+    ap.add_argument("--bn-split", type=int, default=1,
+                    help="BatchNorm statistics over N slices of each batch (what N processes compute without "
+                         "SyncBatchNorm, which needs CUDA)")
     ap.add_argument("--max-norm", type=float, default=d.max_norm, help="PSI overflow safeguard (section 6.2)")
     ap.add_argument("--data-dir", help="folder with the dataset (default $PSI_DATA, else ./data)")
     ap.add_argument("--out", default=d.out, help="folder for run folders")
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     configs = [Config(dataset=a.dataset, model=m, optimizer=o, seed=s, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum, weight_decay=a.weight_decay,
                       schedule=a.schedule, warmup_epochs=a.warmup_epochs, subset=a.subset, val_size=a.val_size,
-                      max_norm=a.max_norm, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
+                      max_norm=a.max_norm, bn_split=a.bn_split, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
                       channels_last=a.channels_last, compile=a.compile, progress=not a.quiet)
                for m in a.model for o in a.optimizer for s in a.seed]
     try:
@@ -399,11 +404,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit(2) from e
     for r in results:
         if "failed" in r:
+            print(f"error: {r['failed']}", file=sys.stderr)
             continue
         acc = {k: v for k, v in r.items() if k.startswith("final_") and k.endswith("_acc")}
         print(json.dumps({"run": Config(**{k: v for k, v in r["config"].items()
                                            if k in {f.name for f in dataclasses.fields(Config)}}).run_dir().name,
                           **acc, "final_train_loss": r["final_train_loss"]}))
+    if any("failed" in r for r in results):
+        raise SystemExit(1)
     return results
 
 

@@ -1,0 +1,182 @@
+"""psi.models, psi.optimizers, psi.train: runs, resume after kill -9, NaN, CLI, shards, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import psi
+from psi import models, train
+from psi.optimizers import OPTIMIZERS, build_optimizer
+from psi.sgdg import SGDG
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
+        "--threads", "1"]
+
+
+@pytest.mark.parametrize("name,millions", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66),
+                                           ("resnet56", 0.85)])
+def test_cifar_resnet_sizes(name, millions):
+    m = models.build_model(name)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e6 - millions) < 0.01
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_trains(name):
+    torch.manual_seed(0)
+    m = models.SmallCNN(width=8)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(10, (32,))
+    opt = build_optimizer(name, m, x)
+    assert any(g.get("psi") for g in opt.param_groups)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_sgdg_stays_on_the_sphere_and_is_invariant():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    opt = SGDG([{"params": [w], "psi": True}], lr=0.2)
+    for _ in range(5):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    torch.testing.assert_close(w.detach().norm(dim=1), torch.ones(6, dtype=torch.float64))
+    # the transported momentum is tangent at the new point
+    m = opt.state[w]["momentum"]
+    assert (m * w.detach()).sum(1).abs().max() < 1e-12
+
+
+def test_run_files_and_reuse(tmp_path):
+    cfg = train.Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50,
+                       subset=300, out=str(tmp_path), progress=False)
+    s = train.run(cfg)
+    d = cfg.run_dir()
+    assert {p.name for p in d.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for k in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
+        assert all(k in r for r in rows)
+    assert set(rows[0]["psi_layers"]) == {"features.0", "features.4"}
+    assert rows[0]["psi_layers"]["features.0"]["eff_lr"] == pytest.approx(0.1)
+    mtime = (d / "summary.json").stat().st_mtime_ns
+    assert train.run(cfg) == s and (d / "summary.json").stat().st_mtime_ns == mtime  # not run again
+
+
+def test_schedules():
+    cfg = train.Config(epochs=200)
+    assert [train.lr_factor(cfg, e) for e in (0, 59, 60, 119, 120, 160, 199)] == pytest.approx(
+        [1, 1, 0.2, 0.2, 0.04, 0.008, 0.008])
+    cos = train.Config(epochs=10, schedule="cosine", warmup_epochs=2)
+    assert train.lr_factor(cos, 1.0) == pytest.approx(0.5) and train.lr_factor(cos, 2.0) == pytest.approx(1.0)
+    assert train.lr_factor(cos, 10.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "psi.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def _metrics(out: Path):
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("epoch_seconds"), r.pop("images_per_second")
+    return rows
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
+    args = [*FAST, "--epochs", "6", "--optimizer", "psi-sgdm"]
+    assert _cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "psi.train", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        files = list((tmp_path / "cut").glob("*/metrics.jsonl"))
+        if files and len(files[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut = _metrics(tmp_path / "cut")
+    assert 2 <= len(cut) < 6, "the run should have been killed mid-way"
+    assert _cli(*args, "--out", str(tmp_path / "cut")).returncode == 0
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_metrics(tmp_path):
+    r = _cli(*FAST, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e12", "--out", str(tmp_path))
+    assert r.returncode == 1
+    assert "loss became" in r.stderr and "Lower the learning rate" in r.stderr
+    (d,) = list(tmp_path.iterdir())
+    assert (d / "failed.json").is_file() and (d / "config.json").is_file()
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    cfg = train.Config(dataset="synthetic", model="smallcnn", epochs=2, batch_size=50, subset=100,
+                       out=str(tmp_path), progress=False)
+    train.run(cfg)
+    d = cfg.run_dir()
+    (d / "summary.json").unlink()
+    ck = d / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="checkpoint.pt is unreadable.*Delete it"):
+        train.run(cfg)
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == 2  # nothing lost
+
+
+def test_cli_refuses_bad_values_with_the_valid_ones():
+    r = _cli("--optimizer", "sgd2")
+    assert r.returncode == 2 and "psi-sgdm" in r.stderr and "sgdg" in r.stderr
+    r = _cli("--model", "resnet21")
+    assert r.returncode == 2 and "resnet20" in r.stderr
+    r = _cli("--shard", "3/2")
+    assert r.returncode == 2 and "--shard" in r.stderr
+    h = _cli("--help")
+    for opt in ("--dataset", "--subset", "--amp", "--channels-last", "--compile", "--shard", "--data-dir"):
+        assert opt in h.stdout
+
+
+def test_shards_split_a_sweep(tmp_path):
+    args = [*FAST, "--epochs", "1", "--optimizer", "sgd", "psi-sgd", "--seed", "0", "1", "--out", str(tmp_path)]
+    for k in (1, 2):
+        assert _cli(*args, "--shard", f"{k}/2").returncode == 0
+        assert len(list(tmp_path.iterdir())) == 2 * k
+    names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir())
+    assert names == sorted(f"synthetic-smallcnn-{o}-s{s}" for o in ("sgd", "psi-sgd") for s in (0, 1))
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun, gloo, 2 CPU processes == one process with the same global batch (BN per slice)."""
+    args = [*FAST, "--epochs", "2", "--optimizer", "psi-sgdm"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", "-m", "psi.train", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _cli(*args, "--bn-split", "2", "--out", str(tmp_path / "one")).returncode == 0
+    a = torch.load(next((tmp_path / "ddp").glob("*/checkpoint.pt")), weights_only=False)
+    b = torch.load(next((tmp_path / "one").glob("*/checkpoint.pt")), weights_only=False)
+    for k, v in b["model"].items():
+        if "running" not in k and "num_batches" not in k:  # DDP keeps rank 0's BN statistics
+            torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-5)
+    ta = [r["train_loss"] for r in _metrics(tmp_path / "ddp")]
+    tb = [r["train_loss"] for r in _metrics(tmp_path / "one")]
+    assert ta == pytest.approx(tb, rel=1e-5)
+    assert json.loads(next((tmp_path / "ddp").glob("*/summary.json")).read_text())["world_size"] == 2
+
+
+def test_param_groups_of_the_models_exist():
+    assert len(psi.find_scale_invariant(models.resnet20(), torch.randn(4, 3, 32, 32))) == 19
