@@ -81,3 +81,75 @@ def train_full_batch(model: nn.Module, method: str, x: Tensor, y: Tensor, steps:
             break
         opt.step()
     return hist
+
+
+# -- Figure 1: a two-layer BN classifier from an unbalanced start ----------------------------
+
+def small_images(name: str = "digits", data_dir: str | None = None) -> tuple[Tensor, Tensor]:
+    """Standardized flat images and labels: scikit-learn's ``digits`` (8x8, 1797 images, shipped
+    with the package) or MNIST's training set from ``data_dir`` (``mnist.npz`` as Keras saves it,
+    or the raw ``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]``)."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.data.astype("float32"), d.target
+    elif name == "mnist":
+        root = Path(data_dir or "data")
+        npz = sorted(root.rglob("mnist.npz"))
+        raw = sorted(root.rglob("train-images-idx3-ubyte*"))
+        if npz:
+            z = np.load(npz[0])
+            x, y = z["x_train"].reshape(len(z["x_train"]), -1).astype("float32"), z["y_train"]
+        elif raw:
+            def read(p: Path, offset: int) -> np.ndarray:
+                b = gzip.open(p).read() if p.suffix == ".gz" else p.read_bytes()
+                return np.frombuffer(b, dtype=np.uint8, offset=offset)
+
+            x = read(raw[0], 16).reshape(-1, 784).astype("float32")
+            y = read(Path(str(raw[0]).replace("images-idx3", "labels-idx1")), 8)
+        else:
+            raise FileNotFoundError(f"MNIST not found under {root}: put mnist.npz or train-images-idx3-ubyte(.gz) "
+                                    f"and train-labels-idx1-ubyte(.gz) there, or use dataset='digits' (no download)")
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid: digits, mnist")
+    xt = torch.from_numpy(x)
+    xt = (xt - xt.mean(0)) / (xt.std(0) + 1e-6)
+    return xt, torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
+def unbalanced_mlp(d_in: int, hidden: int, classes: int, scales: tuple[float, ...], seed: int = 0) -> nn.Module:
+    """Linear-BN-ReLU-Linear with the hidden neurons split into ``len(scales)`` equal groups,
+    group ``k`` multiplied by ``scales[k]`` (Figure 1: ``T_a(W)`` with ``a = (1e4, 1e4, 1e-4, 1e-4)``)."""
+    from .models import BNMLP
+
+    torch.manual_seed(seed)
+    model = BNMLP(d_in, [hidden], classes)
+    a = torch.tensor(scales, dtype=torch.float32).repeat_interleave(hidden // len(scales))
+    with torch.no_grad():
+        model.net[1].weight.copy_(M.rescale(model.net[1].weight, a))
+    return model
+
+
+def train_minibatch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
+                    batch_size: int = 64, seed: int = 0) -> list[float]:
+    """Minibatch training; the loss on the whole training set (train mode) after every epoch."""
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        model.train()
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            history.append(float(F.cross_entropy(model(x), y)))
+    return history
