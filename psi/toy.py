@@ -75,7 +75,7 @@ def train_full_batch(model: nn.Module, method: str, x: Tensor, y: Tensor, steps:
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
-        hist["loss"].append(float(loss))
+        hist["loss"].append(float(loss.detach()))
         hist["grad_norm"].append(vg_grad_norm(model, groups))
         if not torch.isfinite(loss):
             break
