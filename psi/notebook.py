@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PROFILES", "check_choice", "check_positive", "setup", "savefig"]
+__all__ = ["PROFILES", "STUDY_PRESETS", "check_choice", "check_positive", "setup", "savefig", "study_settings"]
 
 PROFILES = ("smoke", "quick", "paper")
 
@@ -63,3 +63,26 @@ def savefig(fig, figures_dir: str | os.PathLike, name: str) -> Path:
     fig.savefig(d / f"{name}.png", bbox_inches="tight", dpi=120)
     fig.savefig(d / f"{name}.svg", bbox_inches="tight")
     return d / f"{name}.png"
+
+
+_GRIDS = {"sgd": [0.03, 0.1, 0.3], "psi-sgd": [0.3, 1.0, 3.0], "psi-sgdm": [0.03, 0.1, 0.3]}
+# The CIFAR study's settings per profile (notebook 04); a notebook parameter left at None takes these.
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(dataset="synthetic", models=["smallcnn"], optimizers=["sgd", "psi-sgd", "psi-sgdm"], seeds=[0, 1],
+                  epochs=2, schedule="step", subset=500, batch_size=50, lr_grids=_GRIDS, val_size=200,
+                  paper_settings=True),
+    "quick": dict(dataset="cifar10", models=["resnet20"], optimizers=["sgd", "psi-sgd", "psi-sgdm"], seeds=[0, 1, 2],
+                  epochs=10, schedule="step", subset=5000, batch_size=128, lr_grids=_GRIDS, val_size=1000,
+                  paper_settings=True),
+    "paper": dict(dataset="cifar10", models=["resnet20", "resnet32", "resnet44", "resnet56"],
+                  optimizers=["sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm"], seeds=[0, 1, 2, 3, 4], epochs=200,
+                  schedule="step", subset=None, batch_size=128, lr_grids={}, val_size=0, paper_settings=True),
+}
+
+
+def study_settings(profile: str, **given: Any) -> dict[str, Any]:
+    """The profile's study settings, with every parameter that is not None taking precedence."""
+    check_choice("profile", profile, PROFILES)
+    out = dict(STUDY_PRESETS[profile])
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
