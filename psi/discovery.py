@@ -78,6 +78,7 @@ class _Probe:
             if isinstance(m, _BatchNorm):
                 m.eps = 1e-30
         self.inputs = _map_floats(example_input, lambda t: t.detach().double())
+        self.devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         self.called: set[nn.Module] = set()
         hooks = [m.register_forward_hook(lambda m, i, o: self.called.add(m)) for m in self.model.modules()
                  if isinstance(m, CANDIDATE_TYPES)]
@@ -87,7 +88,7 @@ class _Probe:
 
     @torch.no_grad()
     def forward(self) -> list[Tensor]:
-        with torch.random.fork_rng(devices=[]):  # the same dropout masks every time
+        with torch.random.fork_rng(devices=self.devices):  # the same dropout masks, the user's RNG untouched
             torch.manual_seed(self.seed)
             if isinstance(self.inputs, (tuple, list)):
                 out = self.model(*self.inputs)
@@ -151,6 +152,8 @@ def param_groups(model: nn.Module, example_input: Any, *, seed: int = 0, **hyper
     groups, taken = [], set()
     for name, with_bias in _discover(model, example_input, seed):
         layer = modules[name]
+        if not layer.weight.requires_grad:  # frozen: nothing to optimize
+            continue
         params = [layer.weight] + ([layer.bias] if with_bias else [])
         groups.append({"params": params, "psi": True, "name": name, **hyper})
         taken.update(id(p) for p in params)

@@ -16,7 +16,7 @@ class Mixed(nn.Module):
         self.bn0 = nn.BatchNorm2d(8, affine=False)
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)  # depthwise
         self.bn_dw = nn.BatchNorm2d(8)
-        self.grouped = nn.Conv2d(8, 12, 1, groups=4, bias=False)
+        self.grouped = nn.Conv2d(8, 12, 1, groups=4, bias=False)  # then average pooling, then BN
         self.bn_g = nn.BatchNorm2d(12)
         self.block = nn.Module()
         self.block.conv1 = nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False)
@@ -34,7 +34,7 @@ class Mixed(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn0(self.stem(x)))
         x = F.relu(self.bn_dw(self.dw(x)))
-        x = F.relu(self.bn_g(self.grouped(x)))
+        x = F.relu(self.bn_g(F.avg_pool2d(self.grouped(x), 3, 1, 1)))
         b = self.block
         x = F.relu(b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x))))) + b.bn_s(b.short(x)))
         x = self.bn_b(F.dropout(F.max_pool2d(F.leaky_relu(self.biased(x), 0.1), 2), 0.2, self.training))

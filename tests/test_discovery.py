@@ -49,9 +49,20 @@ def test_zero_init_does_not_fool_the_check():
 def test_toy_net_and_model_unchanged():
     m = ToyNet()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    assert psi.find_scale_invariant(m.eval(), torch.randn(16, 10)) == ["hidden"]
+    x = torch.randn(16, 10)
+    rng = torch.get_rng_state()
+    assert psi.find_scale_invariant(m.eval(), x) == ["hidden"]
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's random stream is untouched
     assert not m.training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_frozen_layer_is_reported_but_not_optimized():
+    m = BNMLP(5, [7, 7], 3)
+    m.net[1].weight.requires_grad_(False)
+    x = torch.randn(6, 5)
+    assert psi.find_scale_invariant(m, x) == ["net.1", "net.4"]
+    assert [g["name"] for g in psi.param_groups(m, x) if g["psi"]] == ["net.4"]
 
 
 def test_unused_layer_is_not_reported():

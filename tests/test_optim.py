@@ -146,7 +146,7 @@ def test_max_norm_rescales_weight_and_buffer_together():
     torch.testing.assert_close(buf[1], -1e-9 * 0.5**2 * w.grad[1])
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, weight_decay=1e-3), dict(momentum=0.9, nesterov=True),
                                 dict(momentum=0.5, dampening=0.3, maximize=True)])
 def test_non_psi_groups_are_torch_sgd_to_the_bit(foreach, kw):
@@ -224,3 +224,18 @@ def test_step_under_torch_compile_matches_eager():
         step()
     for p, q in zip(params, twins):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    model = Mixed().cuda()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    opt = psi.PSISGD(psi.param_groups(model, x), lr=0.1, momentum=0.9)
+    for _ in range(2):  # the first step creates the buffers
+        opt.zero_grad()
+        model(x).sum().backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
