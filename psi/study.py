@@ -41,20 +41,36 @@ def _final(summary: dict[str, Any], split: str) -> float:
 
 
 def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, seed: int = 0,
-              dataset=None) -> tuple[float, pd.DataFrame]:
+              dataset=None, extend: int = 2) -> tuple[float, pd.DataFrame]:
     """Train ``optimizer`` at every ``lr`` of ``grid`` on the training images minus a
     class-balanced validation split of ``val_size``; return the lr with the best final
-    validation accuracy (the test set is not looked at) and the table of all."""
-    cfgs = [replace(base, optimizer=optimizer, lr=lr, val_size=val_size, seed=seed) for lr in grid]
-    rows = []
-    for cfg, s in zip(cfgs, sweep(cfgs, dataset=dataset), strict=True):
-        ok = "failed" not in s
-        rows.append({"optimizer": optimizer, "lr": cfg.lr, "val_acc": _final(s, "val") if ok else np.nan,
-                     "diverged": not ok})
-    table = pd.DataFrame(rows)
-    if table["val_acc"].isna().all():
-        raise RuntimeError(f"{optimizer}: every learning rate of {grid} diverged; extend the grid downwards")
-    return float(table.loc[table["val_acc"].idxmax(), "lr"]), table
+    validation accuracy (the test set is not looked at) and the table of all.
+
+    When the best rate is at an end of the grid, the grid is extended beyond that end by its
+    own ratio (3x for ``[0.1, 0.3, 1]``), at most ``extend`` times: a best rate at the edge says
+    the optimum may lie outside."""
+    grid = sorted(grid)
+    ratio = grid[1] / grid[0] if len(grid) > 1 else 3.0
+    acc: dict[float, float] = {}
+    while True:
+        todo = [lr for lr in grid if lr not in acc]
+        cfgs = [replace(base, optimizer=optimizer, lr=lr, val_size=val_size, seed=seed) for lr in todo]
+        for cfg, s in zip(cfgs, sweep(cfgs, dataset=dataset), strict=True):
+            acc[cfg.lr] = _final(s, "val") if "failed" not in s else np.nan
+        finite = {lr: a for lr, a in acc.items() if not np.isnan(a)}
+        if not finite:
+            raise RuntimeError(f"{optimizer}: every learning rate of {grid} diverged; extend the grid downwards")
+        best = max(finite, key=finite.get)
+        if extend and best == grid[0]:
+            grid.insert(0, float(f"{grid[0] / ratio:.3g}"))
+        elif extend and best == grid[-1]:
+            grid.append(float(f"{grid[-1] * ratio:.3g}"))
+        else:
+            break
+        extend -= 1
+    table = pd.DataFrame([{"optimizer": optimizer, "lr": lr, "val_acc": acc[lr], "diverged": np.isnan(acc[lr])}
+                          for lr in grid])
+    return best, table
 
 
 def _config_of(d: dict[str, Any]) -> Config:

@@ -198,10 +198,10 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
         eval_x, eval_y, eval_name = ds.train_x[val_idx], ds.train_y[val_idx], "val"
     if cfg.subset:
         train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
-    dtype_kw = dict(device=device, channels_last=cfg.channels_last)
+    device_kw = dict(device=device, channels_last=cfg.channels_last)
     train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True,
-                          seed=cfg.seed, rank=rank, world=world, **dtype_kw)
-    evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, 500, train=False, **dtype_kw)
+                          seed=cfg.seed, rank=rank, world=world, **device_kw)
+    evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, 500, train=False, **device_kw)
     if len(train) == 0:
         raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
 
