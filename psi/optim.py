@@ -130,10 +130,22 @@ class PSISGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets: dict[tuple, tuple[list, list, list, list]] = {}
+        state = self.state
         for group in self.param_groups:
             if group["psi"]:
                 b = buckets.setdefault(_psi_hyper(group), ([], [], [], []))
-                self._init_group(group, *b, first_label=b[3][-1] + 1 if b[3] else 0)
+                label = b[3][-1] + 1 if b[3] else 0
+                if len(group["params"]) == 1:  # the usual layout: one weight per group, inlined
+                    p = group["params"][0]
+                    if p.grad is not None:
+                        if p.grad.is_sparse:
+                            raise RuntimeError("PSISGD does not support sparse gradients in a psi group")
+                        b[0].append(p), b[1].append(p.grad), b[3].append(label)
+                        if group["momentum"] != 0:
+                            s = state.get(p)
+                            b[2].append(None if s is None else s.get("momentum_buffer"))
+                else:
+                    self._init_group(group, *b, first_label=label)
                 continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -201,9 +213,11 @@ def psi_sgd(
     # Tensors sorted by dimension (stable), so that the per-neuron coefficients of each
     # dimension are one contiguous block: a few views and splits give every tensor its
     # broadcastable columns (a per-tensor view would cost a Python round trip each).
-    order = sorted(range(len(params)), key=lambda i: params[i].dim())
+    dims = [w.dim() for w in params]
+    order = sorted(range(len(params)), key=dims.__getitem__)
     us = momentum_buffer_list
-    if order != sorted(order):
+    dims.sort()
+    if order != list(range(len(params))):
         params, grads, us = ([xs[i] for i in order] for xs in (params, grads, us)) if us else \
             ([params[i] for i in order], [grads[i] for i in order], us)
         neuron_sets = None if neuron_sets is None else [neuron_sets[i] for i in order]
@@ -224,8 +238,8 @@ def psi_sgd(
     cols: list[list[Tensor]] = [[] for _ in rows]
     start, offset = 0, 0
     while start < len(params):
-        dim, end = params[start].dim(), start
-        while end < len(params) and params[end].dim() == dim:
+        dim, end = dims[start], start
+        while end < len(params) and dims[end] == dim:
             end += 1
         n = sum(sizes[start:end])
         block = coefs[:, offset:offset + n].view((len(rows), n) + (1,) * (dim - 1))
