@@ -10,7 +10,8 @@
 #                                figures and run folders go there; re-running reuses finished runs
 #   --shard k/n                  only the k-th of n slices of the CIFAR runs (paper profile)
 #   --threads N                  CPU threads (default: all cores)
-#   --reference DIR              also copy notebook 05's table, figures and verdict to DIR
+#   --reference DIR              also copy every notebook's figures (PNG) and notebook 05's
+#                                table, tests and verdict to DIR
 #   --only NN                    run only the notebooks whose name starts with NN (e.g. 04)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --reference) reference="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,4 +88,14 @@ for nb in "${notebooks[@]}"; do
     exit 1
   fi
 done
+if [ -n "$reference" ]; then  # the figures (PNG) of every notebook, beside notebook 05's tables
+  for d in "$out"/figures/*/; do
+    name="$(basename "$d")"
+    [ "$name" = 05_analysis ] && continue
+    mkdir -p "$reference/$name"
+    cp "$d"*.png "$reference/$name/" 2>/dev/null || true
+    cp "$d"*.csv "$reference/$name/" 2>/dev/null || true
+  done
+  echo "reference results copied to $reference"
+fi
 echo "done: executed notebooks in $out/executed, figures in $out/figures"
