@@ -239,3 +239,11 @@ def test_no_host_sync_on_cuda():
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_benchmark_runs_and_prints_ratios(capsys):
+    from psi import bench
+
+    bench.main(["optimizer", "--models", "resnet20", "--steps", "1", "--rounds", "1", "--no-compile"])
+    out = capsys.readouterr().out
+    assert "torch SGD (foreach)" in out and "psi.PSISGD" in out and "1.00" in out
