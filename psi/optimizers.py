@@ -99,7 +99,7 @@ def build_optimizer(name: str, model: nn.Module, example_input: Any, *, lr: floa
     groups = param_groups(model, example_input)
     psi_groups, other = groups[:-1], groups[-1]["params"]
     if name in ("sgd", "sgdp"):
-        all_groups = [dict(g, psi=g["psi"]) for g in groups]
+        all_groups = [dict(g) for g in groups]
         if name == "sgd":
             return torch.optim.SGD(all_groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         from adamp import SGDP

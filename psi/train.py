@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         acc = {k: v for k, v in r.items() if k.startswith("final_") and k.endswith("_acc")}
         print(json.dumps({"run": Config(**{k: v for k, v in r["config"].items()
-                                           if k in {f.name for f in dataclasses.fields(Config)}}).run_dir().name,
+                                           if k in {f.name for f in fields(Config)}}).run_dir().name,
                           **acc, "final_train_loss": r["final_train_loss"]}))
     if any("failed" in r for r in results):
         raise SystemExit(1)
