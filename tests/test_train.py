@@ -1,6 +1,7 @@
 """psi.models, psi.optimizers, psi.train: runs, resume after kill -9, NaN, CLI, shards, DDP."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -180,3 +181,16 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_param_groups_of_the_models_exist():
     assert len(psi.find_scale_invariant(models.resnet20(), torch.randn(4, 3, 32, 32))) == 19
+
+
+@pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"], ["--compile"]],
+                         ids=["bf16-channels-last", "fp16-gradscaler", "compile"])
+def test_gpu_options_run_on_the_cpu_too(tmp_path, extra):
+    """The mixed-precision, channels-last and compile paths are the GPU ones; they must run here."""
+    r = _cli(*FAST, "--epochs", "1", "--optimizer", "psi-sgdm", "--out", str(tmp_path), *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (d,) = list(tmp_path.iterdir())
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["amp"] == (extra[1] if extra[0] == "--amp" else None)
+    assert cfg["channels_last"] == ("--channels-last" in extra) and cfg["compile"] == ("--compile" in extra)
+    assert math.isfinite(json.loads((d / "summary.json").read_text())["final_train_loss"])
