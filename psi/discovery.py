@@ -11,8 +11,9 @@ proposed). Each candidate is then *confirmed numerically* on a float64 copy of t
 train mode, with BatchNorm's eps set to 1e-30 (eps breaks the symmetry at tiny scales; we test
 the structure, not that rounding) and every parameter slightly perturbed (so that a zero-init
 weight or a BN scale of 0 cannot hide a dependence): the weight is multiplied by random
-per-neuron factors in [0.1, 10] and the outputs must not move (relative 1e-8). When the weight
-alone fails and the layer has a bias, weight and bias are rescaled together (needed when an
+per-neuron factors spread over [1e-6, 1e6] (wide, so that a clipping nonlinearity such as
+ReLU6 or a shrinkage cannot pass for a homogeneous one) and the outputs must not move
+(relative 1e-8). When the weight alone fails and the layer has a bias, weight and bias are rescaled together (needed when an
 op between the layer and its BN does not remove a constant, e.g. a ReLU). What fails both is
 rejected: a layer whose output also reaches the loss around its BN (a residual branch without
 BN, the last conv of a pre-activation block), the classifier, and a layer followed only by
@@ -82,9 +83,15 @@ class _Probe:
         self.called: set[nn.Module] = set()
         hooks = [m.register_forward_hook(lambda m, i, o: self.called.add(m)) for m in self.model.modules()
                  if isinstance(m, CANDIDATE_TYPES)]
-        self.reference = self.forward()
-        for h in hooks:
-            h.remove()
+        try:
+            self.reference = self.forward()
+        except Exception as e:
+            raise RuntimeError(f"scale-invariance discovery runs a float64 copy of the model in train mode on "
+                               f"example_input and that forward pass failed ({type(e).__name__}: {e}). Pass one "
+                               f"batch the model accepts, with 2 or more samples (BatchNorm needs them).") from e
+        finally:
+            for h in hooks:
+                h.remove()
 
     @torch.no_grad()
     def forward(self) -> list[Tensor]:
@@ -111,7 +118,7 @@ class _Probe:
         tensors = [layer.weight] + ([layer.bias] if with_bias else [])
         saved = [t.clone() for t in tensors]
         gen = torch.Generator().manual_seed(self.seed + 1)
-        a = random_scales(layer.weight.shape[0], 0.1, 10.0, generator=gen).to(layer.weight.device)
+        a = random_scales(layer.weight.shape[0], 1e-6, 1e6, generator=gen).to(layer.weight.device)
         for t in tensors:
             t.copy_(rescale(t, a))
         try:

@@ -88,3 +88,31 @@ class ResidualNoBN(nn.Module):
         h = self.ln(self.ln_in(h))
         g = self.gn(self.conv(h.unsqueeze(1))).flatten(1)
         return self.head(torch.cat([h, g], 1))
+
+
+class DenseSE(nn.Module):
+    """Concatenation before BN (DenseNet), an inverted residual with ReLU6 after its BNs
+    (MobileNet), squeeze-and-excitation, and a conv -> ReLU6 -> BN that is *not* invariant."""
+
+    invariant = ["c1", "pw", "dw", "pj"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)  # feeds the BN directly and c1 through a ReLU: not invariant
+        self.c1 = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.pw, self.bn_pw = nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24)
+        self.dw, self.bn_dw = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24)
+        self.pj, self.bn_pj = nn.Conv2d(24, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.se1, self.se2 = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.clipped, self.bn_c = nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        a = self.c0(x)
+        h = F.relu(self.bn(torch.cat([a, self.c1(F.relu(a))], 1)))
+        y = F.relu6(self.bn_pw(self.pw(h)))
+        y = self.bn_pj(self.pj(F.relu6(self.bn_dw(self.dw(y)))))
+        y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        h = self.bn_c(F.relu6(self.clipped(h + y)))
+        return self.fc(h.mean((2, 3)))

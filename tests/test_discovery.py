@@ -1,11 +1,12 @@
 """Discovery: every scale-invariant layer, nothing else (issue: psi core, item 2)."""
 
+import pytest
 import torch
 from torch import nn
 
 import psi
 from psi.models import BNMLP, ToyNet, resnet20
-from tests.nets import Mixed, PreActBlockNet, ResidualNoBN
+from tests.nets import DenseSE, Mixed, PreActBlockNet, ResidualNoBN
 
 
 def test_mixed_network():
@@ -69,3 +70,29 @@ def test_unused_layer_is_not_reported():
     m = BNMLP(5, [7], 3)
     m.spare = nn.Linear(5, 5)
     assert psi.find_scale_invariant(m, torch.randn(6, 5)) == ["net.1"]
+
+
+def test_a_batch_of_one_gets_a_clear_error():
+    with pytest.raises(RuntimeError, match="2 or more samples"):
+        psi.find_scale_invariant(BNMLP(5, [7], 3), torch.randn(1, 5))
+
+
+def test_concatenation_inverted_residual_squeeze_excitation():
+    assert psi.find_scale_invariant(DenseSE(), torch.randn(6, 3, 8, 8)) == DenseSE.invariant
+
+
+@pytest.mark.parametrize("act,invariant", [
+    (torch.nn.functional.relu, True), (lambda z: torch.nn.functional.leaky_relu(z, 0.2), True),
+    (torch.nn.functional.relu6, False), (torch.nn.functional.hardtanh, False),
+    (torch.nn.functional.softshrink, False), (torch.nn.functional.gelu, False)],
+    ids=["relu", "leaky_relu", "relu6", "hardtanh", "softshrink", "gelu"])
+def test_only_positively_homogeneous_ops_between_layer_and_bn(act, invariant):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.bn, self.out = nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.bn(act(self.layer(x))))
+
+    assert psi.find_scale_invariant(Net(), torch.randn(16, 5)) == (["layer"] if invariant else [])

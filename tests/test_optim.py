@@ -8,7 +8,7 @@ from torch import nn
 
 import psi
 from psi import manifold as M
-from tests.nets import Mixed
+from tests.nets import DenseSE, Mixed
 
 
 def _exact_bn(model: nn.Module) -> nn.Module:
@@ -56,9 +56,9 @@ def _psi_weights(model, groups):
     dict(momentum=0.0),
 ], ids=["sgdm-wd", "nesterov-maxnorm", "sgd"])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_theorem1_equivariance(kw, foreach):
+def test_theorem1_equivariance(kw, foreach, net=Mixed):
     torch.manual_seed(0)
-    model = _exact_bn(Mixed())
+    model = _exact_bn(net())
     x0 = torch.randn(8, 3, 16, 16, dtype=torch.float64)
     groups = psi.param_groups(model, x0)
     twin = _rescaled_copy(model, groups)
@@ -74,8 +74,12 @@ def test_theorem1_equivariance(kw, foreach):
         torch.testing.assert_close(twin(x0), out, rtol=1e-9, atol=1e-9)
     for a, b in zip(_psi_weights(model, groups), _psi_weights(twin, groups)):
         torch.testing.assert_close(M.canonical(b), M.canonical(a), rtol=1e-9, atol=1e-9)
-    moved = M.dist(_psi_weights(model, groups), [M.canonical(w) for w in _psi_weights(Mixed(), groups)])
+    moved = M.dist(_psi_weights(model, groups), [M.canonical(w) for w in _psi_weights(net(), groups)])
     assert moved > 0.1  # it did train
+
+
+def test_theorem1_on_concatenation_and_inverted_residuals():
+    test_theorem1_equivariance(dict(momentum=0.9, weight_decay=5e-4, max_norm=50.0), True, net=DenseSE)
 
 
 def test_theorem1_fails_for_sgd():
