@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["optimizer", "engine"])
     ap.add_argument("--models", nargs="+", default=["resnet56", "resnet18"])
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")

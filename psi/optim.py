@@ -226,7 +226,8 @@ def psi_sgd(
             [g.add(w, alpha=weight_decay) for g, w in zip(grads, params, strict=True)]
     # the gradient's factor -lr ||w(i)||^2 (eq. 7, 10) and the safeguard's factor (1 or 1/||w(i)||)
     sizes = [w.shape[0] for w in params]
-    flat_sq = torch.cat([torch.linalg.vector_norm(w.reshape(n, -1), dim=1) for w, n in zip(params, sizes)]).square()
+    flat_sq = torch.cat([torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim()))) if w.dim() > 1 else w.abs()
+                         for w in params]).square()
     if neuron_sets is not None and len(set(neuron_sets)) < len(neuron_sets):  # some tensors share neurons
         flat_sq = _sum_shared(flat_sq, sizes, neuron_sets)
     gcoef = flat_sq * (lr if maximize else -lr)
