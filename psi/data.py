@@ -96,7 +96,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
             return _official(name, root / archive)
         looked.append(f"{root / archive} (official archive)")
         for src in _image_trees(root, name):
-            return _from_image_tree(name, src, cache_dir or _cache_dir(root))
+            return _from_image_tree(name, src, cache_dir or _cache_dir())
         looked.append(f"{root}/*/train/<class>/ or {root}/*.tar.gz holding one (image folder)")
     except (OSError, pickle.UnpicklingError, tarfile.TarError, KeyError, ValueError, EOFError) as e:
         raise DataError(f"{name}: the copy found under {root} is unreadable ({type(e).__name__}: {e}). "
@@ -203,7 +203,7 @@ def _tar_fits(path: Path, name: str) -> bool:
     return _classes_fit(name, sorted(classes))
 
 
-def _cache_dir(root: Path) -> Path:
+def _cache_dir() -> Path:
     """``$PSI_CACHE``, else the project's ``data/psi-cache`` (never the user's data folder,
     which may be shared or read-only)."""
     return Path(os.environ.get("PSI_CACHE") or Path(__file__).resolve().parents[1] / "data" / "psi-cache")
@@ -282,17 +282,13 @@ def synthetic(n_train: int = 2000, n_test: int = 500, num_classes: int = 10, see
                    mean, std)
 
 
-def balanced_subset(y: Tensor, n: int, seed: int = 0, exclude: Tensor | None = None) -> Tensor:
+def balanced_subset(y: Tensor, n: int, seed: int = 0) -> Tensor:
     """Indices of ``n`` training images, the same number per class (fixed by ``seed``)."""
     classes = int(y.max()) + 1
     if n % classes or n <= 0:
         raise ValueError(f"subset size {n} must be a positive multiple of the number of classes ({classes})")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
-    if exclude is not None:
-        mask = torch.ones(len(y), dtype=torch.bool)
-        mask[exclude] = False
-        perm = perm[mask[perm]]
     picks = []
     for c in range(classes):
         idx = perm[y[perm] == c][: n // classes]

@@ -5,7 +5,7 @@ finished runs, the paper's Table 1 beside ours, Welch t-tests. Used by notebooks
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,6 @@ def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, se
     table = pd.DataFrame([{"optimizer": optimizer, "lr": lr, "val_acc": acc[lr], "diverged": np.isnan(acc[lr])}
                           for lr in grid])
     return best, table
-
-
-def _config_of(d: dict[str, Any]) -> Config:
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
 
 
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:

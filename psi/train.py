@@ -90,6 +90,12 @@ class Config:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """The config a ``config.json`` or a summary's ``config`` holds (unknown keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -406,8 +412,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"error: {r['failed']}", file=sys.stderr)
             continue
         acc = {k: v for k, v in r.items() if k.startswith("final_") and k.endswith("_acc")}
-        print(json.dumps({"run": Config(**{k: v for k, v in r["config"].items()
-                                           if k in {f.name for f in fields(Config)}}).run_dir().name,
+        print(json.dumps({"run": Config.from_dict(r["config"]).run_dir().name,
                           **acc, "final_train_loss": r["final_train_loss"]}))
     if any("failed" in r for r in results):
         raise SystemExit(1)
