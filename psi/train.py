@@ -1,54 +1,81 @@
 """One CIFAR training run, or a sweep of them, with a run folder that survives crashes.
 
     python -m psi.train --dataset cifar10 --model resnet20 --optimizer psi-sgdm --epochs 200 \\
-        --seed 0 --data-dir DIR --out runs [--subset 5000] [--device cuda] [--amp bf16]
-    torchrun --nproc_per_node 2 -m psi.train ...      (data-parallel; SyncBatchNorm on CUDA)
+        --seed 0 --data-dir DIR --out runs [--subset 5000] [--device cuda]
+    torchrun --nproc_per_node 2 -m psi.train ... --device cuda   (data-parallel; SyncBatchNorm on CUDA)
     python -m psi.train --model resnet20 resnet32 --optimizer sgd psi-sgdm --seed 0 1 2 --shard 2/4
 
 A run folder ``<out>/<dataset>-<model>-<optimizer>-s<seed>-<hash>`` (the hash is of the whole
-config: results are keyed by it) holds ``config.json``, ``metrics.jsonl`` (one JSON object per
-epoch), ``checkpoint.pt`` (written atomically after every epoch) and, once finished,
-``summary.json``. Running the same command again resumes from the checkpoint (the batches of
-epoch ``e`` depend only on the seed and ``e``, so the result is the one an uninterrupted run
-gives); a finished run is not run again.
+resolved config and the device kind: results are keyed by it) holds ``config.json`` (what ran,
+defaults resolved), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
+atomically after every epoch) and, once finished, ``summary.json``. Running the same command
+again resumes from the checkpoint; a finished run is not run again. One process at a time works
+in a run folder (an ``flock`` on ``.lock``, released by the kernel even on ``kill -9``): a second
+one is refused with :class:`RunLocked`, naming the holder.
+
+What a resume gives: on the CPU, and on CUDA with ``--deterministic``, exactly the result an
+uninterrupted run gives (the batches of epoch ``e`` depend only on the seed and ``e``; model,
+optimizer, loss scale and RNG come back from the checkpoint). On CUDA without it, cuDNN's
+algorithm choice and atomic-add kernels make every run, resumed or not, differ in the last bits.
+
+GPU defaults (each can be switched off): bf16 autocast, channels-last, ``cudnn.benchmark``, a
+compiled model and (for SGD and PSI-SGD(M)) a compiled optimizer step with the learning rate held
+as a tensor, so that a schedule changes a value and never recompiles. On the CPU all are off.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import data as D
 from .models import MODELS, build_model
 from .optimizers import OPTIMIZERS, build_optimizer
 
-__all__ = ["Config", "run", "sweep", "lr_factor", "TrainingDiverged", "main", "SCHEDULES"]
+__all__ = ["Config", "run", "sweep", "lr_factor", "TrainingDiverged", "RunLocked", "lock_holder", "main",
+           "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
 
 SCHEDULES = ("step", "cosine", "constant")
-_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+# Optimizers whose step is compiled when the model is: their steps compile to a few fused kernels
+# with a tensor learning rate, tested on the CPU. Adam's compiled step needs capturable state on
+# CUDA, SGDG's is a Python loop per layer and SGDP's reads values on the host: those run eager.
+COMPILED_STEP = ("sgd", "psi-sgd", "psi-sgdm")
+# not in the run's key: where it runs and how fast, not what it computes (the device *kind* is)
+_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic")
+EVAL_BATCH = 500  # evaluation batch: large (no gradients kept) and a divisor of CIFAR's 10000 test images
+DISCOVERY_EXAMPLES = 16  # images of the first batch that psi.param_groups runs the model on
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the metrics of the epochs before are kept."""
 
 
+class RunLocked(RuntimeError):
+    """Another live process is working in this run folder; nothing was changed."""
+
+
 @dataclass
 class Config:
-    """Everything that defines a run. ``lr=None`` etc. take the optimizer's F.2 default."""
+    """Everything that defines a run. ``lr=None`` etc. take the optimizer's F.2 default; ``amp``,
+    ``channels_last`` and ``compile`` left at auto take the device's best (see :meth:`resolved`)."""
 
     dataset: str = "cifar10"
     model: str = "resnet20"
@@ -68,19 +95,19 @@ class Config:
     val_size: int = 0
     max_norm: float | None = 1e4
     bn_split: int = 1
-    amp: str | None = None
-    channels_last: bool = False
-    compile: bool = False
+    amp: str = "auto"  # auto: bf16 on CUDA, none on the CPU
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool | None = None  # None: on for CUDA in a single process
+    deterministic: bool = False  # torch's deterministic algorithms (bitwise resume on CUDA, slower)
     device: str = "cpu"
     data_dir: str | None = None
     out: str = "runs"
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         checks = [("dataset", self.dataset, D.DATASETS), ("model", self.model, tuple(MODELS)),
                   ("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
-                  ("amp", self.amp, (None, "bf16", "fp16"))]
+                  ("amp", self.amp, (*AMP_MODES, None))]
         for name, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"invalid {name} {value!r}; valid: {', '.join(str(v) for v in valid)}")
@@ -89,6 +116,19 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"invalid device {self.device!r} ({e}); valid: cpu, cuda, cuda:1, ...") from e
+
+    def resolved(self, world: int = 1) -> Config:
+        """The config with every 'auto' made concrete for its device kind (and ``world``
+        processes: compiling a model that holds SyncBatchNorm is refused, see :func:`run`)."""
+        cuda = torch.device(self.device).type == "cuda"
+        amp = ("bf16" if cuda else "none") if self.amp == "auto" else (self.amp or "none")
+        return replace(self, amp=amp, channels_last=cuda if self.channels_last is None else self.channels_last,
+                       compile=(cuda and world == 1) if self.compile is None else self.compile,
+                       milestones=tuple(self.milestones))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -97,7 +137,9 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def key(self) -> str:
-        d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        r = self.resolved()
+        d = {k: v for k, v in asdict(r).items() if k not in _NOT_IN_KEY}
+        d["device_kind"] = torch.device(r.device).type  # a CPU and a GPU run never share a folder
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_dir(self) -> Path:
@@ -117,7 +159,17 @@ def lr_factor(cfg: Config, t: float) -> float:
     return 1.0
 
 
-# -- helpers ---------------------------------------------------------------------------------
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's ``initial_lr`` times ``factor``; a tensor learning rate (compiled steps) is
+    filled in place, so the compiled step sees a new value, not a new constant."""
+    for g in opt.param_groups:
+        if isinstance(g["lr"], Tensor):
+            g["lr"].fill_(g["initial_lr"] * factor)
+        else:
+            g["lr"] = g["initial_lr"] * factor
+
+
+# -- files: atomic writes, the run lock, checkpoints -----------------------------------------
 
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -136,38 +188,162 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
-def _dist() -> tuple[int, int]:
+def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Who holds ``run_dir``'s lock (``{"pid", "host", "since"}``), or None when no live process does."""
+    path = Path(run_dir) / ".lock"
+    if not path.is_file():
+        return None
+    with open(path, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(f.read() or "{}") or {"pid": None, "host": None, "since": None}
+            except json.JSONDecodeError:
+                return {"pid": None, "host": None, "since": None}
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (flock: the kernel releases it when the process dies, so no stale locks)."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunLocked(f"{out} is being worked on by another process ({holder}). Nothing was changed. Wait for "
+                        f"it to finish (or stop it: running again resumes from its last checkpoint).") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint, every tensor on the CPU, whatever device wrote it or will run it:
+    ``load_state_dict`` then puts model and optimizer state where the parameters are, and the
+    RNG states stay CPU byte tensors, as ``torch.set_rng_state`` needs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete it to start this "
+                           f"run over (metrics.jsonl keeps what was measured), or restore a good copy.") from e
+
+
+def _restore(ck: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             device: torch.device, path: Path) -> int:
+    """Load a checkpoint's state into the run's objects; return the epoch to start from."""
+    kind = ck.get("device_kind", "cpu")
+    if kind != device.type:
+        raise RuntimeError(f"checkpoint {path} was written by a {kind} run and this run is on {device.type}: their "
+                           f"augmentation streams differ, so resuming would not continue the same run. Run it on "
+                           f"{kind}, or delete {path.parent} to start it over on {device.type}.")
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler.is_enabled() and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {e}). Delete it to start "
+                           f"this run over (metrics.jsonl keeps what was measured).") from e
+    torch.set_rng_state(ck["torch_rng"])
+    if device.type == "cuda" and ck.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ck["cuda_rng"], device)
+    return ck["epoch"] + 1
+
+
+def _checkpoint(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
+                device: torch.device, cfg: Config) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "device_kind": device.type, "config": asdict(cfg)}
+
+
+# -- processes and devices -------------------------------------------------------------------
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for a run on ``device``: NCCL for CUDA tensors, gloo otherwise
+    (the run's device decides, not whether the machine has a GPU)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _run_device(name: str) -> torch.device:
+    """``cuda`` under torchrun means this process's GPU, ``cuda:$LOCAL_RANK``."""
+    device = torch.device(name)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.index is not None:
+            raise ValueError(f"--device {name} under torchrun: give --device cuda, each process takes "
+                             f"cuda:$LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins torchrun's process group on the first call."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("PSI_BACKEND") != "gloo" else "gloo"
-        torch.distributed.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend_for(device), device_id=device)
+        else:
+            torch.distributed.init_process_group(backend_for(device))
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
+def _set_determinism(cfg: Config, device: torch.device) -> None:
+    """``--deterministic``: torch's documented switches (reproducibility notes); else cuDNN may
+    benchmark and pick the fastest algorithm for each shape."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = cfg.deterministic
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
 def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, dict[str, float]]:
     """Per scale-invariant layer: neuron norm mean/min/max and the effective learning rate (the
     step on the unit sphere per unit of gradient): lr for PSI methods and SGDG (unit norms),
-    the mean over neurons of lr/||w||^2 for Euclidean SGD/SGDP, undefined (NaN) for Adam."""
+    the mean over neurons of lr/||w||^2 for Euclidean SGD/SGDP, undefined (NaN) for Adam.
+    One host read for all layers (once per epoch)."""
+    layers = getattr(opt, "psi_layers", None)
+    if layers is None:  # an optimizer built without the side table: per-layer groups carry the name
+        layers = {g["name"]: g["params"] for g in opt.param_groups if g.get("psi")}
+    if not layers:
+        return {}
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    rows = []
+    for tensors in layers.values():
+        w = tensors[0].detach()
+        sq = w.reshape(w.shape[0], -1).square().sum(1).double()
+        rows.append(torch.stack([sq.sqrt().mean(), sq.sqrt().min(), sq.sqrt().max(), sq.reciprocal().mean()]))
+    values = torch.stack(rows).tolist()
     out = {}
-    for g in opt.param_groups:
-        if not g.get("psi"):
-            continue
-        w = g["params"][0].detach()
-        n = w.reshape(w.shape[0], -1).norm(dim=1).double()
-        if optimizer in ("psi-sgd", "psi-sgdm", "sgdg"):
-            eff = g["lr"]
-        elif optimizer in ("sgd", "sgdp"):
-            eff = float((g["lr"] / n.square()).mean())
-        else:
-            eff = float("nan")
-        out[g["name"]] = {"norm_mean": float(n.mean()), "norm_min": float(n.min()), "norm_max": float(n.max()),
-                          "eff_lr": eff}
+    for (name, tensors), (mean, lo, hi, inv_sq) in zip(layers.items(), values, strict=True):
+        lr = float(lr_of[id(tensors[0])])  # a float, or a CPU tensor (compiled steps): no device read
+        eff = lr if optimizer in ("psi-sgd", "psi-sgdm", "sgdg") else lr * inv_sq if optimizer in ("sgd", "sgdp") \
+            else float("nan")
+        out[name] = {"norm_mean": mean, "norm_min": lo, "norm_max": hi, "eff_lr": eff}
     return out
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: D.BatchLoader, autocast) -> tuple[float, float]:
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: D.BatchLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader, accumulated on the device and read once."""
     model.eval()
     loss = torch.zeros((), device=loader.device, dtype=torch.float64)
     correct = torch.zeros((), device=loader.device, dtype=torch.long)
@@ -178,59 +354,75 @@ def evaluate(model: nn.Module, loader: D.BatchLoader, autocast) -> tuple[float, 
         loss += F.cross_entropy(out.float(), y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return float(loss) / n, float(correct) / n
+    loss_value, correct_value = torch.stack([loss, correct.double()]).tolist()
+    return loss_value / n, correct_value / n
 
 
 # -- one run ---------------------------------------------------------------------------------
 
 def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
-    """Train (or resume, or just read back) the run ``cfg``; returns its summary."""
+    """Train (or resume, or just read back) the run ``cfg``; returns its summary.
+
+    Raises :class:`RunLocked` when another process works in the run folder (nothing is changed),
+    :class:`TrainingDiverged` on a NaN loss (the metrics so far are kept)."""
     cfg.validate()
-    rank, world = _dist()
+    device = _run_device(cfg.device)
+    rank, world = _init_distributed(device)
+    if cfg.compile and world > 1:
+        raise ValueError("--compile under torchrun is not supported: the model holds SyncBatchNorm (CUDA) or is "
+                         "wrapped by DDP, and torch.compile breaks the graph at every BN layer. Run without "
+                         "--compile, or train one run per GPU (python -m psi.grid run --gpus ...).")
+    cfg = cfg.resolved(world)
     out = cfg.run_dir()
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    with _rank0_lock(out, rank, world):
+        if (out / "summary.json").is_file():  # finished while we waited for the lock
+            return json.loads((out / "summary.json").read_text())
+        return _train(cfg, device, rank, world, out, dataset)
+
+
+@contextlib.contextmanager
+def _rank0_lock(out: Path, rank: int, world: int) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for all ranks; every rank learns whether it got it."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(_run_lock(out))
+            except RunLocked as e:
+                refused = str(e)
+        if world > 1:
+            box = [refused]
+            torch.distributed.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise RunLocked(refused)
+        yield
+
+
+def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
+           dataset: D.Dataset | None) -> dict[str, Any]:
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", asdict(cfg))
-    device = torch.device(cfg.device)
+        _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world})
+    _set_determinism(cfg, device)
     torch.manual_seed(cfg.seed)
     ds = dataset or D.load_dataset(cfg.dataset, cfg.data_dir)
-    train_idx = torch.arange(len(ds.train_y))
-    eval_x, eval_y, eval_name = ds.test_x, ds.test_y, "test"
-    if cfg.val_size:
-        train_idx, val_idx = D.split_validation(ds.train_y, cfg.val_size)
-        eval_x, eval_y, eval_name = ds.train_x[val_idx], ds.train_y[val_idx], "val"
-    if cfg.subset:
-        train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
-    device_kw = dict(device=device, channels_last=cfg.channels_last)
-    train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True,
-                          seed=cfg.seed, rank=rank, world=world, **device_kw)
-    evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, 500, train=False, **device_kw)
-    if len(train) == 0:
-        raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
+    train, evaluation, eval_name = _loaders(cfg, ds, device, rank, world)
 
     model = build_model(cfg.model, ds.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    example = next(iter(train.epoch(0)))[0][:16]
+    example = next(iter(train.epoch(0)))[0][:DISCOVERY_EXAMPLES]
     opt = build_optimizer(cfg.optimizer, model, example, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, rest_lr=cfg.rest_lr, max_norm=cfg.max_norm)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
-            raise RuntimeError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}). Delete it to "
-                               f"start this run over (metrics.jsonl keeps what was measured), or restore a "
-                               f"good copy.") from e
-        start = ck["epoch"] + 1
-        torch.set_rng_state(ck["torch_rng"])
+        start = _restore(_load_checkpoint(ckpt_path), model, opt, scaler, device, ckpt_path)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # keep exactly the epochs the checkpoint holds
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
@@ -241,8 +433,13 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
     if world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if device.type == "cuda" else net
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    step = opt.step
     if cfg.compile:
         net = torch.compile(net)
+        if cfg.optimizer in COMPILED_STEP and cfg.amp != "fp16":  # GradScaler steps the optimizer itself
+            for g in opt.param_groups:  # a tensor: the schedule fills it, the compiled step never recompiles
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)
+            step = torch.compile(opt.step)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     def autocast():
@@ -250,81 +447,119 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    steps = len(train)
     show = cfg.progress and rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
     for epoch in range(start, cfg.epochs):
-        net.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        batches = train.epoch(epoch)
-        if show:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=steps, desc=f"{out.name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for i, (x, y) in enumerate(batches):
-            factor = lr_factor(cfg, epoch + i / steps)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            with autocast():
-                # bn_split > 1: BN statistics per slice, as that many processes without SyncBatchNorm
-                logits = net(x) if cfg.bn_split == 1 else torch.cat([net(c) for c in x.chunk(cfg.bn_split)])
-                loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
+        loss_sum, correct, seen = _train_epoch(cfg, net, opt, step, scaler, train, epoch, autocast, show, out.name)
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
             torch.distributed.all_reduce(correct)
             seen *= world
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        train_loss, train_correct = torch.stack([loss_sum, correct.double()]).tolist()  # one host read per epoch
         seconds = time.perf_counter() - t0
-        train_loss = float(loss_sum) / seen
+        train_loss /= seen
         if not math.isfinite(train_loss):
             msg = (f"{out.name}: the training loss became {train_loss} in epoch {epoch + 1}; the metrics of the "
                    f"{epoch} epochs before are kept in {metrics_path}. Lower the learning rate (now "
-                   f"{opt.param_groups[0]['initial_lr']}) or check the data; delete {out} to run it again.")
+                   f"{float(opt.param_groups[0]['initial_lr'])}) or check the data; delete {out} to run it again.")
             if rank == 0:
                 _write_json(out / "failed.json", {"error": msg, "epoch": epoch})
             raise TrainingDiverged(msg)
         eval_loss, eval_acc = evaluate(model, evaluation, autocast)
-        row = {"epoch": epoch, "lr": lr_factor(cfg, epoch) * opt.param_groups[0]["initial_lr"],
-               "train_loss": train_loss, "train_acc": float(correct) / seen,
+        row = {"epoch": epoch, "lr": lr_factor(cfg, epoch) * float(opt.param_groups[0]["initial_lr"]),
+               "train_loss": train_loss, "train_acc": train_correct / seen,
                f"{eval_name}_loss": eval_loss, f"{eval_name}_acc": eval_acc,
                "epoch_seconds": seconds, "images_per_second": seen / seconds,
+               "warmup": epoch == start,  # this process's first epoch: compilation, cuDNN benchmarking
                "psi_layers": _psi_layer_stats(opt, cfg.optimizer)}
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}
+            state = _checkpoint(model, opt, scaler, epoch, device, cfg)
             _atomic_write(ckpt_path, lambda f, state=state: torch.save(state, f))
         if show:
             print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
                   f"{eval_name} acc {eval_acc:.4f}, {seconds:.1f}s", file=sys.stderr)
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    last = rows[-1]
-    summary = {"config": asdict(cfg), "key": cfg.key(), "epochs": len(rows), "final_train_loss": last["train_loss"],
-               f"final_{eval_name}_acc": last[f"{eval_name}_acc"], f"best_{eval_name}_acc":
-               max(r[f"{eval_name}_acc"] for r in rows), "mean_epoch_seconds":
-               sum(r["epoch_seconds"] for r in rows) / len(rows), "world_size": world,
-               "data_source": ds.source, "torch": torch.__version__}
+    if world > 1:  # every rank reads the metrics rank 0 has written, all of them
+        torch.distributed.barrier()
+    summary = _summary(cfg, device, world, ds, metrics_path, eval_name)
     if rank == 0:
         _write_json(out / "summary.json", summary)
     return json.loads(json.dumps(summary))  # as it reads back from summary.json
 
 
+def _loaders(cfg: Config, ds: D.Dataset, device: torch.device, rank: int,
+             world: int) -> tuple[D.BatchLoader, D.BatchLoader, str]:
+    """The training loader (this process's slice) and the evaluation loader (test or validation)."""
+    train_idx = torch.arange(len(ds.train_y))
+    eval_x, eval_y, eval_name = ds.test_x, ds.test_y, "test"
+    if cfg.val_size:
+        train_idx, val_idx = D.split_validation(ds.train_y, cfg.val_size)
+        eval_x, eval_y, eval_name = ds.train_x[val_idx], ds.train_y[val_idx], "val"
+    if cfg.subset:
+        train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
+    device_kw = dict(device=device, channels_last=cfg.channels_last)
+    train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True,
+                          seed=cfg.seed, rank=rank, world=world, **device_kw)
+    evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, EVAL_BATCH, train=False, **device_kw)
+    if len(train) == 0:
+        raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
+    return train, evaluation, eval_name
+
+
+def _train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], Any],
+                 scaler: torch.amp.GradScaler, train: D.BatchLoader, epoch: int, autocast: Callable[[], Any],
+                 show: bool, name: str) -> tuple[Tensor, Tensor, int]:
+    """One epoch; returns (summed loss, correct count) on the device and the number of images.
+    Nothing in it reads a value back to the host (tests/test_gpu_path.py counts)."""
+    net.train()
+    loss_sum = torch.zeros((), device=train.device, dtype=torch.float64)
+    correct = torch.zeros((), device=train.device, dtype=torch.long)
+    seen, steps = 0, len(train)
+    batches = train.epoch(epoch)
+    if show:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for i, (x, y) in enumerate(batches):
+        set_lr(opt, lr_factor(cfg, epoch + i / steps))
+        with autocast():
+            # bn_split > 1: BN statistics per slice, as that many processes without SyncBatchNorm
+            logits = net(x) if cfg.bn_split == 1 else torch.cat([net(c) for c in x.chunk(cfg.bn_split)])
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # fp16: GradScaler reads found_inf on the host once per step (torch's design)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
+def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metrics_path: Path,
+             eval_name: str) -> dict[str, Any]:
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    last = rows[-1]
+    timed = [r["epoch_seconds"] for r in rows if not r.get("warmup")] or [r["epoch_seconds"] for r in rows]
+    return {"config": asdict(cfg), "key": cfg.key(), "device_kind": device.type, "epochs": len(rows),
+            "final_train_loss": last["train_loss"], f"final_{eval_name}_acc": last[f"{eval_name}_acc"],
+            f"best_{eval_name}_acc": max(r[f"{eval_name}_acc"] for r in rows),
+            "mean_epoch_seconds": sum(timed) / len(timed),  # warm-up epochs (compilation) left out
+            "warmup_epoch_seconds": [r["epoch_seconds"] for r in rows if r.get("warmup")],
+            "world_size": world, "data_source": ds.source, "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
 def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dataset | None = None,
           stop_on_error: bool = False) -> list[dict[str, Any]]:
     """Run shard ``k`` of ``n`` (1-based) of ``configs``: the runs ``i`` with ``i % n == k - 1``.
-    A diverged run is reported and skipped unless ``stop_on_error``."""
+    A diverged run (``"failed"``) or one another process is working on (``"locked"``) is
+    reported and skipped unless ``stop_on_error``."""
     k, n = shard
     results = []
     for i, cfg in enumerate(configs):
@@ -332,11 +567,11 @@ def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dat
             continue
         try:
             results.append(run(cfg, dataset))
-        except TrainingDiverged as e:
+        except (TrainingDiverged, RunLocked) as e:
             if stop_on_error:
                 raise
             print(f"warning: {e}", file=sys.stderr)
-            results.append({"config": asdict(cfg), "failed": str(e)})
+            results.append({"config": asdict(cfg), "failed" if isinstance(e, TrainingDiverged) else "locked": str(e)})
     return results
 
 
@@ -369,9 +604,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", help="folder with the dataset (default $PSI_DATA, else ./data)")
     ap.add_argument("--out", default=d.out, help="folder for run folders")
     ap.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    ap.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--amp", default="auto", choices=AMP_MODES,
+                    help="mixed precision (autocast): auto = bf16 on CUDA (pass fp16 on GPUs older than Ampere), "
+                         "none on the CPU")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="channels-last memory format (default: on for CUDA)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model, and the step of sgd/psi-sgd/psi-sgdm (default: on for CUDA in "
+                         "one process; refused under torchrun)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch's deterministic algorithms: on CUDA a resumed run then equals an uninterrupted one "
+                         "bit for bit (slower; the CPU is deterministic anyway)")
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--shard", default="1/1", help="k/n: run only the k-th of n slices of the sweep")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -391,13 +634,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device is visible to torch {torch.__version__}")
-    if "LOCAL_RANK" in os.environ and a.device == "cuda":
-        a.device = f"cuda:{os.environ['LOCAL_RANK']}"
     configs = [Config(dataset=a.dataset, model=m, optimizer=o, seed=s, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum, weight_decay=a.weight_decay,
                       schedule=a.schedule, warmup_epochs=a.warmup_epochs, subset=a.subset, val_size=a.val_size,
                       max_norm=a.max_norm, bn_split=a.bn_split, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
-                      channels_last=a.channels_last, compile=a.compile, progress=not a.quiet)
+                      channels_last=a.channels_last, compile=a.compile, deterministic=a.deterministic,
+                      progress=not a.quiet)
                for m in a.model for o in a.optimizer for s in a.seed]
     try:
         for c in configs:
@@ -407,15 +649,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except (D.DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     for r in results:
-        if "failed" in r:
-            print(f"error: {r['failed']}", file=sys.stderr)
+        if "failed" in r or "locked" in r:
+            print(f"error: {r.get('failed') or r['locked']}", file=sys.stderr)
             continue
         acc = {k: v for k, v in r.items() if k.startswith("final_") and k.endswith("_acc")}
         print(json.dumps({"run": Config.from_dict(r["config"]).run_dir().name,
                           **acc, "final_train_loss": r["final_train_loss"]}))
     if any("failed" in r for r in results):
         raise SystemExit(1)
+    if any("locked" in r for r in results):
+        raise SystemExit(3)
     return results
 
 

@@ -1,0 +1,353 @@
+"""The engine's GPU path, checked on a machine without a GPU (and for real where one is).
+
+Each test names the defect it would catch: a resume that puts checkpoint tensors on the wrong
+device, a process group chosen by the machine instead of the run, a host sync per step, a
+second process in a run folder, a recompile per learning-rate change, a lost loss scale.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from psi import data as D
+from psi import models, train
+from psi.opcount import OpCounter
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return D.synthetic(n_train=500, n_test=100)
+
+
+def _cfg(tmp_path, **kw) -> train.Config:
+    base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50, subset=200,
+                out=str(tmp_path), progress=False)
+    return train.Config(**{**base, **kw})
+
+
+class _Cut(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def _run_cut(cfg: train.Config, ds, after_epochs: int, monkeypatch) -> None:
+    """Run ``cfg`` and 'crash' once ``after_epochs`` checkpoints are on disk."""
+    real, written = train._atomic_write, []
+
+    def write(path, fn):
+        real(path, fn)
+        if path.name == "checkpoint.pt":
+            written.append(path)
+            if len(written) == after_epochs:
+                raise _Cut
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "_atomic_write", write)
+        with pytest.raises(_Cut):
+            train.run(cfg, ds)
+
+
+def _rows(cfg: train.Config) -> list[dict]:
+    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        for k in ("epoch_seconds", "images_per_second", "warmup"):
+            r.pop(k)
+    return rows
+
+
+# -- process group ---------------------------------------------------------------------------
+
+def test_backend_follows_the_run_device_not_the_machine(monkeypatch):
+    """A --device cpu run under torchrun on a GPU machine must take gloo (NCCL cannot move CPU tensors)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train._init_distributed(torch.device("cpu"))
+    assert seen == [("gloo", {})]
+    assert train.backend_for(torch.device("cuda", 1)) == "nccl"
+
+
+def test_cuda_under_torchrun_takes_the_local_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train._run_device("cuda") == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="give --device cuda"):
+        train._run_device("cuda:1")
+
+
+def test_compile_under_torchrun_is_refused_and_auto_turns_it_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "_init_distributed", lambda device: (0, 2))
+    with pytest.raises(ValueError, match="--compile under torchrun is not supported"):
+        train.run(_cfg(tmp_path, compile=True))
+    assert not list(tmp_path.iterdir())  # refused before touching anything
+    assert train.Config(device="cuda").resolved(world=2).compile is False
+    assert train.Config(device="cuda").resolved(world=1).compile is True
+
+
+def test_auto_settings_resolve_per_device_kind_and_the_kind_is_in_the_key():
+    cpu, gpu = train.Config(device="cpu"), train.Config(device="cuda")
+    assert (cpu.resolved().amp, cpu.resolved().channels_last, cpu.resolved().compile) == ("none", False, False)
+    assert (gpu.resolved().amp, gpu.resolved().channels_last, gpu.resolved().compile) == ("bf16", True, True)
+    assert cpu.key() != train.Config(device="cuda", amp="none").key()  # same math, other device kind
+    assert gpu.key() == train.Config(device="cuda:3").key() == train.Config(device="cuda", amp="bf16").key()
+    assert gpu.key() != train.Config(device="cuda", amp="fp16").key()
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def test_resume_loads_to_the_cpu_and_puts_state_where_it_belongs(tmp_path, ds, monkeypatch):
+    """The crash on every CUDA resume: a checkpoint loaded onto the run's device put the CPU RNG
+    state on the GPU (set_rng_state raises) and Adam's step counters there too (a host read per
+    parameter per step). The engine must load to the CPU and let load_state_dict place things."""
+    cfg = _cfg(tmp_path, optimizer="adam", epochs=2)
+    _run_cut(cfg, ds, 1, monkeypatch)
+    ck = train._load_checkpoint(cfg.run_dir() / "checkpoint.pt")
+    asked = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: asked.append(kw.get("map_location")) or real_load(*a, **kw))
+    train.run(cfg, ds)
+    assert asked == ["cpu"]
+    # what _restore does with the CPU-loaded checkpoint
+    tensors = [t for t in _leaves(ck) if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    model = models.build_model("smallcnn")
+    from psi.optimizers import build_optimizer
+
+    opt = build_optimizer("adam", model, torch.randn(16, 3, 32, 32))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert train._restore(ck, model, opt, scaler, torch.device("cpu"), Path("x")) == 1
+    adam = opt.optimizers[0]
+    assert adam.state
+    for p, st in adam.state.items():
+        assert st["step"].device.type == "cpu" and st["step"].dtype == torch.float32  # torch's non-capturable rule
+        assert st["exp_avg"].device == p.device and st["exp_avg"].dtype == p.dtype
+    assert torch.get_rng_state().dtype == torch.uint8
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+def test_a_checkpoint_of_another_device_kind_is_refused(tmp_path, ds):
+    cfg = _cfg(tmp_path, epochs=1)
+    train.run(cfg, ds)
+    ck = train._load_checkpoint(cfg.run_dir() / "checkpoint.pt")
+    ck["device_kind"] = "cuda"
+    model = models.build_model("smallcnn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="written by a cuda run and this run is on cpu"):
+        train._restore(ck, model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), Path("x"))
+
+
+def test_fp16_resume_equals_the_uninterrupted_run_and_keeps_the_loss_scale(tmp_path, ds, monkeypatch):
+    kw = dict(amp="fp16", optimizer="sgd", epochs=3)
+    whole = _cfg(tmp_path / "whole", **kw)
+    train.run(whole, ds)
+    cut = _cfg(tmp_path / "cut", **kw)
+    _run_cut(cut, ds, 1, monkeypatch)
+    train.run(cut, ds)
+    assert _rows(cut) == _rows(whole)
+    # A scale a fresh GradScaler would not have: a resume that restarted it would not end here.
+    again = _cfg(tmp_path / "again", **kw)
+    _run_cut(again, ds, 1, monkeypatch)
+    path = again.run_dir() / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["scaler"].update(scale=2.0**3, _growth_tracker=1)
+    torch.save(ck, path)
+    train.run(again, ds)
+    final = torch.load(path, weights_only=True)["scaler"]
+    steps = 2 * (200 // 50)  # epochs 2 and 3, no overflow at scale 8: the tracker counts every step
+    assert final["scale"] == 2.0**3 and final["_growth_tracker"] == 1 + steps
+
+
+def test_deterministic_switch_runs_and_changes_nothing_on_the_cpu(tmp_path, ds):
+    a = _cfg(tmp_path / "a", epochs=1)
+    b = _cfg(tmp_path / "b", epochs=1, deterministic=True)
+    train.run(a, ds)
+    try:
+        train.run(b, ds)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _rows(a) == _rows(b)
+    assert json.loads((b.run_dir() / "config.json").read_text())["deterministic"] is True
+
+
+def test_bf16_autocast_and_channels_last_really_run(tmp_path, ds, monkeypatch):
+    seen = []
+    real_build = train.build_model
+
+    def build(name, num_classes):
+        m = real_build(name, num_classes)
+        first = next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d))
+
+        def record(mod, inp, out):
+            if mod is first:  # not discovery's float64 copy
+                seen.append((out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last), mod.training))
+
+        first.register_forward_hook(record)
+        return m
+
+    monkeypatch.setattr(train, "build_model", build)
+    train.run(_cfg(tmp_path, epochs=1, amp="bf16", channels_last=True), ds)
+    training = [s for s in seen if s[2]]
+    assert training and all(s[:2] == (torch.bfloat16, True) for s in training)
+
+
+# -- host syncs ------------------------------------------------------------------------------
+
+def _syncs(tmp_path, ds, subset: int, monkeypatch, **kw) -> OpCounter:
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    adam = importlib.import_module("torch.optim.adam")
+    real = adam._get_value
+
+    def host_step(x):  # torch's Adam reads its step count, which lives on the CPU even for CUDA
+        with _disable_current_modes():  # parameters (non-capturable): a CPU read, not a device sync
+            return real(x)
+
+    with monkeypatch.context() as m, OpCounter() as c:
+        m.setattr(adam, "_get_value", host_step)
+        train.run(_cfg(tmp_path / f"n{subset}", subset=subset, **kw), ds)
+    return c
+
+
+@pytest.mark.parametrize("optimizer,amp", [("sgd", "none"), ("adam", "none"), ("sgdg", "none"), ("psi-sgd", "none"),
+                                           ("psi-sgdm", "none"), ("psi-sgdm", "bf16")])
+def test_no_host_sync_per_step(tmp_path, ds, optimizer, amp, monkeypatch):
+    """A training run with twice the steps per epoch reads the device exactly as often: what it
+    reads (once per epoch: the loss, accuracy, layer statistics, evaluation) does not grow with
+    the number of steps. ``.item()``/``float()``/``bool()``, ``nonzero`` and mask indexing count."""
+    few = _syncs(tmp_path, ds, 200, monkeypatch, optimizer=optimizer, amp=amp)
+    many = _syncs(tmp_path, ds, 400, monkeypatch, optimizer=optimizer, amp=amp)
+    assert few.sync_count > 0  # the per-epoch reads are seen: the detector is watching
+    assert many.syncs == few.syncs
+    assert many.total > few.total  # and the extra steps did run under it
+
+
+def test_the_sync_detector_sees_a_per_step_sync(tmp_path, ds, monkeypatch):
+    """adamp's SGDP compares a cosine similarity on the host for every parameter at every step:
+    the same count test goes red on it (it is third-party and not in the paper)."""
+    few = _syncs(tmp_path, ds, 200, monkeypatch, optimizer="sgdp")
+    many = _syncs(tmp_path, ds, 400, monkeypatch, optimizer="sgdp")
+    assert many.syncs["aten._local_scalar_dense"] > few.syncs["aten._local_scalar_dense"]
+
+
+# -- one process per run folder --------------------------------------------------------------
+
+def test_a_held_run_folder_is_refused_and_left_alone(tmp_path, ds):
+    cfg = _cfg(tmp_path, epochs=1)
+    with train._run_lock(cfg.run_dir()):
+        holder = train.lock_holder(cfg.run_dir())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(train.RunLocked, match=f"another process .*{os.getpid()}"):
+            train.run(cfg, ds)
+        assert not (cfg.run_dir() / "config.json").exists()
+        res = train.sweep([cfg], dataset=ds)
+        assert "locked" in res[0]
+    assert train.lock_holder(cfg.run_dir()) is None
+    train.run(cfg, ds)  # free again
+
+
+def test_a_second_process_on_a_live_run_is_refused_and_metrics_stay_intact(tmp_path):
+    args = [sys.executable, "-m", "psi.train", "--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50",
+            "--subset", "500", "--quiet", "--threads", "1", "--epochs", "6", "--out", str(tmp_path)]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(train.lock_holder(d) for d in tmp_path.glob("*")):
+        time.sleep(0.05)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 3, second.stderr[-2000:]
+    assert f"'pid': {first.pid}" in second.stderr.replace('"', "'") and "Nothing was changed" in second.stderr
+    (d,) = list(tmp_path.iterdir())
+    assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+
+
+# -- compilation -----------------------------------------------------------------------------
+
+def test_the_cifar_resnet_compiles_without_graph_breaks():
+    explained = torch._dynamo.explain(models.resnet20())(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_compiled_engine_does_not_recompile_across_epochs_or_lr_changes(tmp_path, ds, monkeypatch):
+    """Model and optimizer step compiled; a cosine schedule changes the learning rate at every
+    step; after the first (warm-up) epoch nothing new is compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs, lrs = [], []
+    real = train._psi_layer_stats
+
+    def spy(opt, name):  # called once per epoch, after training
+        graphs.append(counters["stats"]["unique_graphs"])
+        lrs.append([g["lr"] for g in opt.param_groups])
+        return real(opt, name)
+
+    monkeypatch.setattr(train, "_psi_layer_stats", spy)
+    cfg = _cfg(tmp_path, epochs=3, compile=True, schedule="cosine")
+    train.run(cfg, ds)
+    assert graphs[0] > 0  # it did compile
+    assert graphs[1] == graphs[2] == graphs[0]
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs[0])  # the step sees a tensor learning rate
+    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    assert [r["warmup"] for r in rows] == [True, False, False]
+    assert len({r["lr"] for r in rows}) == 3
+
+
+# -- on a GPU --------------------------------------------------------------------------------
+
+@CUDA
+def test_cuda_resume_equals_the_uninterrupted_run(tmp_path, ds, monkeypatch):
+    kw = dict(device="cuda", deterministic=True, compile=False, epochs=3, optimizer="psi-sgdm", model="resnet20")
+    whole = _cfg(tmp_path / "whole", **kw)
+    cut = _cfg(tmp_path / "cut", **kw)
+    try:
+        train.run(whole, ds)
+        _run_cut(cut, ds, 1, monkeypatch)
+        train.run(cut, ds)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _rows(cut) == _rows(whole)
+
+
+@CUDA
+@pytest.mark.parametrize("optimizer", ["sgd", "psi-sgdm", "adam"])
+def test_cuda_training_epoch_never_syncs(tmp_path, ds, optimizer, monkeypatch):
+    """torch.cuda's sync debug mode raises on any synchronising call inside a non-warm-up epoch."""
+    real = train._train_epoch
+    calls = []
+
+    def strict(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(*a, **kw)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(*a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train, "_train_epoch", strict)
+    train.run(_cfg(tmp_path, device="cuda", epochs=2, optimizer=optimizer, model="resnet20"), ds)
+    assert len(calls) == 2
