@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PROFILES", "STUDY_PRESETS", "check_choice", "check_positive", "setup", "savefig", "study_settings"]
+__all__ = ["PROFILES", "STUDY_PRESETS", "check_choice", "check_positive", "parse_shard", "setup", "savefig",
+           "study_settings"]
 
 PROFILES = ("smoke", "quick", "paper")
 
@@ -37,6 +38,17 @@ def check_positive(name: str, value: Any, integer: bool = False) -> Any:
         kind = "a positive integer" if integer else "a positive number"
         raise ParameterError(f"parameter {name}={value!r} must be {kind}.")
     return value
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"k/n"`` as ``(k, n)`` with ``1 <= k <= n``: the k-th of n slices of a list of runs."""
+    try:
+        k, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        k, n = 0, 0
+    if not 1 <= k <= n:
+        raise ParameterError(f"parameter shard={shard!r} must be k/n with 1 <= k <= n")
+    return k, n
 
 
 def setup(figures_dir: str, seed: int = 0, threads: int | None = None) -> Path:

@@ -16,7 +16,6 @@ follow torch's SGD.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -173,7 +172,12 @@ class PSISGD(Optimizer):
 
 
 _PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach")
-_psi_hyper = operator.itemgetter(*_PSI_KEYS)
+
+
+def _psi_hyper(group: dict[str, Any]) -> tuple:
+    """The hyperparameters that decide whether psi groups can be stepped together (a plain
+    tuple: torch.compile traces it, where operator.itemgetter breaks the graph)."""
+    return tuple(group[k] for k in _PSI_KEYS)
 
 
 class PSIGD(PSISGD):

@@ -7,6 +7,12 @@ norm ``grad_clip`` (their nu = 0.1), the momentum ``m <- beta * tau(m) - lr * h`
 along the great circle (the exponential map, :func:`psi.manifold.expmap` at unit norm) and
 parallel-transported to the new point: ``tau(d) = d cos|d| - y |d| sin|d|``.
 Groups without ``psi=True`` take torch's SGD step, as in :class:`psi.PSISGD`.
+
+Every operation of the update acts on each neuron (a row) separately, so the neurons of all
+layers whose weights have the same trailing shape (``w.shape[1:]``: the 3x3 convolutions of a
+stage with the same input width) are concatenated into one matrix and updated together: a
+step dispatches a few dozen ops per distinct shape (4 on a CIFAR ResNet) instead of about 35
+per layer. The numbers are those of the layer-by-layer update up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ __all__ = ["SGDG"]
 
 
 class SGDG(Optimizer):
-    """Cho and Lee's SGD-G on psi groups (one weight tensor each, neurons on axis 0), SGD elsewhere."""
+    """Cho and Lee's SGD-G on psi groups (weight tensors, neurons on axis 0), SGD elsewhere.
+
+    A psi group may hold the weights of any number of layers; a bias that scales with its
+    weight has no place on the sphere of the weight's neurons and is refused. The state of a
+    psi tensor is ``momentum`` (the transported ``m``, shaped like the tensor; it starts at 0).
+    Non-psi groups take torch's SGD with ``rest_momentum`` and ``weight_decay``, on its
+    multi-tensor path on every device (torch picks it on GPUs only; the bits are the same).
+    """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, grad_clip: float | None = 0.1,
                  weight_decay: float = 0.0, *, rest_momentum: float = 0.9) -> None:
@@ -32,10 +45,11 @@ class SGDG(Optimizer):
         with torch.no_grad():  # start on the manifold: unit-norm neurons (the function is unchanged under BN)
             for group in self.param_groups:
                 if group["psi"]:
-                    if len(group["params"]) != 1:
-                        raise ValueError("SGDG supports psi groups of one weight tensor (no bias that scales with it)")
-                    w = group["params"][0]
-                    w.div_(w.reshape(w.shape[0], -1).norm(dim=1).view((-1,) + (1,) * (w.dim() - 1)))
+                    for w in group["params"]:
+                        if w.dim() < 2:
+                            raise ValueError("SGDG supports psi groups of weight tensors only (no bias that scales "
+                                             "with its weight)")
+                        w.div_(w.reshape(w.shape[0], -1).norm(dim=1).view((-1,) + (1,) * (w.dim() - 1)))
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001
@@ -49,26 +63,49 @@ class SGDG(Optimizer):
                 bufs: list[Tensor | None] = [self.state[p].get("momentum_buffer") for p in params]
                 _torch_sgd(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
                            momentum=group["rest_momentum"], lr=group["lr"], dampening=0.0, nesterov=False,
-                           maximize=False)
+                           maximize=False, foreach=True)
                 for p, b in zip(params, bufs, strict=True):
                     self.state[p]["momentum_buffer"] = b
                 continue
+            same_rows: dict[tuple, list[Tensor]] = {}
             for w in params:
-                self._grassmann_step(w, self.state[w], group)
+                same_rows.setdefault((w.shape[1:], w.dtype, w.device), []).append(w)
+            for ws in same_rows.values():
+                self._grassmann_step(ws, group)
         return loss
 
-    def _grassmann_step(self, w: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        y = w.reshape(w.shape[0], -1)
-        g = w.grad.reshape(w.shape[0], -1)
-        h = g - torch.linalg.vecdot(y, g).unsqueeze(1) * y  # tangent part
-        if group["grad_clip"] is not None:
-            hn = torch.linalg.vector_norm(h, dim=1, keepdim=True)
-            h = h * torch.clamp(group["grad_clip"] / hn.clamp_min(1e-30), max=1.0)
-        m = state.get("momentum")
-        d = -group["lr"] * h if m is None else group["momentum"] * m - group["lr"] * h
-        dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
-        direction = d / dn.clamp_min(1e-30)
-        new_y = y * torch.cos(dn) + direction * torch.sin(dn)  # exponential map on the unit sphere
-        state["momentum"] = d * torch.cos(dn) - y * (dn * torch.sin(dn))  # parallel transport of d
-        new_y = new_y / torch.linalg.vector_norm(new_y, dim=1, keepdim=True)  # stay on the sphere despite rounding
-        w.copy_(new_y.view_as(w))
+    def _grassmann_step(self, ws: list[Tensor], group: dict[str, Any]) -> None:
+        """One step for layers whose weights share ``shape[1:]``: their neurons stacked as rows."""
+        ms = []
+        for w in ws:
+            state = self.state[w]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(w)
+            ms.append(state["momentum"])
+        y, m = torch.cat(ws), torch.cat(ms)
+        new_y, new_m = _grassmann_rows(y.flatten(1), torch.cat([w.grad for w in ws]).flatten(1), m.flatten(1),
+                                       lr=group["lr"], momentum=group["momentum"], grad_clip=group["grad_clip"])
+        sizes = [w.shape[0] for w in ws]
+        torch._foreach_copy_(ws, new_y.view_as(y).split(sizes))
+        torch._foreach_copy_(ms, new_m.view_as(m).split(sizes))
+
+
+def _grassmann_rows(y: Tensor, g: Tensor, m: Tensor, *, lr: float, momentum: float,
+                    grad_clip: float | None) -> tuple[Tensor, Tensor]:
+    """Cho and Lee's Algorithm 1 on unit rows ``y`` (a neuron each), Euclidean gradient ``g``
+    and transported momentum ``m`` (0 at the start): the new rows and the new momentum.
+
+    ``g`` and ``m`` are overwritten (the caller's concatenated copies): in place, a step on
+    stacked layers makes three large temporaries instead of about fifteen, which is what
+    stacking costs on a CPU, where the per-layer tensors stayed in cache."""
+    h = g.addcmul_(y, torch.linalg.vecdot(y, g).unsqueeze(1), value=-1)  # tangent part: g - <y, g> y
+    if grad_clip is None:
+        d = m.mul_(momentum).add_(h, alpha=-lr)  # d = momentum m - lr h
+    else:  # the same with h clipped to norm grad_clip: h * min(1, grad_clip / |h|)
+        clip = torch.clamp(grad_clip / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(1e-30), max=1.0)
+        d = m.mul_(momentum).addcmul_(h, clip, value=-lr)
+    dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+    cos, sin = torch.cos(dn), torch.sin(dn)
+    new_y = (y * cos).addcmul_(d, sin / dn.clamp_min(1e-30))  # exponential map: y cos|d| + d/|d| sin|d|
+    new_m = d.mul_(cos).addcmul_(y, dn * sin, value=-1)  # parallel transport of d: d cos|d| - y |d| sin|d|
+    return new_y.div_(torch.linalg.vector_norm(new_y, dim=1, keepdim=True)), new_m  # on the sphere despite rounding

@@ -54,9 +54,10 @@ __all__ = ["Config", "run", "sweep", "lr_factor", "TrainingDiverged", "RunLocked
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-# Optimizers whose step is compiled when the model is: their steps compile to a few fused kernels
-# with a tensor learning rate, tested on the CPU. Adam's compiled step needs capturable state on
-# CUDA, SGDG's is a Python loop per layer and SGDP's reads values on the host: those run eager.
+# Optimizers whose step is compiled when the model is: their steps trace to one graph with a tensor
+# learning rate (tested on the CPU). Adam's foreach step refuses a tensor learning rate unless its
+# state is capturable (which a resume does not restore reliably), SGDG's has not been checked under
+# the compiler, and SGDP's reads values on the host: those run eager.
 COMPILED_STEP = ("sgd", "psi-sgd", "psi-sgdm")
 # not in the run's key: where it runs and how fast, not what it computes (the device *kind* is)
 _NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic")
@@ -205,13 +206,27 @@ def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def _flock_briefly(f, patience: float = 1.0) -> None:
+    """Take ``f``'s exclusive lock, retrying for ``patience`` seconds: :func:`lock_holder` takes it
+    for an instant to look, and a run starting in that instant must not be turned away."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _run_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` (flock: the kernel releases it when the process dies, so no stale locks)."""
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_briefly(f)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"

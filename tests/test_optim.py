@@ -251,3 +251,106 @@ def test_benchmark_runs_and_prints_ratios(capsys):
     bench.main(["optimizer", "--models", "resnet20", "--steps", "1", "--rounds", "1", "--no-compile"])
     out = capsys.readouterr().out
     assert "torch SGD (foreach)" in out and "psi.PSISGD" in out and "1.00" in out
+
+
+# -- build_optimizer: the fewest groups, the same numbers as one group per layer -----------------
+
+def _copies(n):
+    torch.manual_seed(0)
+    a = Mixed()
+    return [a] + [copy.deepcopy(a) for _ in range(n - 1)]
+
+
+def _per_layer(name, model, x0):
+    """What build_optimizer returned before it merged groups: one group per scale-invariant layer."""
+    from psi.optimizers import DEFAULTS, REST, Combined
+
+    hp, groups = DEFAULTS[name], psi.param_groups(model, x0)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    if name == "sgdp":
+        from adamp import SGDP
+
+        return SGDP(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], nesterov=True)
+    if name == "adam":
+        return Combined(torch.optim.Adam(groups[:-1], lr=hp["lr"], weight_decay=hp["weight_decay"]),
+                        torch.optim.SGD([groups[-1]], **REST))
+    return psi.PSISGD([dict(g, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+                       for g in groups[:-1]] + [dict(groups[-1], **REST)], lr=hp["lr"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "psi-sgd", "psi-sgdm", "sgdp"])
+def test_merged_groups_equal_per_layer_groups_to_the_bit(name):
+    from psi.optimizers import build_optimizer
+
+    a, b = _copies(2)
+    x0 = torch.randn(8, 3, 16, 16)
+    merged = build_optimizer(name, a, x0)
+    assert len(merged.param_groups) == (1 if name in ("sgd", "sgdp") else 2)
+    batches = [(x.float(), y) for x, y in _batches(6)]
+    _train(a, merged, batches)
+    _train(b, _per_layer(name, b, x0), batches)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "psi-sgdm", "sgdp", "sgdg"])
+def test_psi_layers_names_each_layers_tensors(name):
+    from psi.models import SmallCNN
+    from psi.optimizers import build_optimizer
+
+    model = Mixed() if name != "sgdg" else SmallCNN(width=8)  # SGDG refuses Mixed's bias that scales
+    x0 = torch.randn(8, 3, 16, 16)
+    opt = build_optimizer(name, model, x0)
+    mods = dict(model.named_modules())
+    assert list(opt.psi_layers) == psi.find_scale_invariant(model, x0)
+    for layer, tensors in opt.psi_layers.items():
+        assert tensors[0] is mods[layer].weight and all(t is mods[layer].bias for t in tensors[1:])
+    if name == "sgd":
+        assert opt.psi_layers["biased"] == [model.biased.weight, model.biased.bias]
+    flagged = [id(p) for g in opt.param_groups if g.get("psi") for p in g["params"]]
+    if name not in ("sgd", "sgdp"):  # a psi group holds exactly these tensors, each layer's adjacent
+        assert flagged == [id(t) for ts in opt.psi_layers.values() for t in ts]
+
+
+def _sgdg_per_layer(w, g, m, lr, momentum, clip):
+    """The layer-by-layer SGDG step psi.sgdg had before it stacked layers (about 35 ops a layer)."""
+    y, g = w.reshape(w.shape[0], -1), g.reshape(w.shape[0], -1)
+    h = g - torch.linalg.vecdot(y, g).unsqueeze(1) * y
+    hn = torch.linalg.vector_norm(h, dim=1, keepdim=True)
+    h = h * torch.clamp(clip / hn.clamp_min(1e-30), max=1.0)
+    d = -lr * h if m is None else momentum * m - lr * h
+    dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+    new_y = y * torch.cos(dn) + d / dn.clamp_min(1e-30) * torch.sin(dn)
+    m = d * torch.cos(dn) - y * (dn * torch.sin(dn))
+    return (new_y / torch.linalg.vector_norm(new_y, dim=1, keepdim=True)).view_as(w), m
+
+
+def test_sgdg_stacked_layers_match_the_layer_by_layer_step():
+    from psi.sgdg import SGDG
+
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (16, 8, 3, 3), (16, 16, 3, 3), (16, 16, 3, 3), (5, 7)]
+    ws = [torch.randn(s, requires_grad=True) for s in shapes]
+    rest = [torch.randn(16, requires_grad=True)]
+    opt = SGDG([{"params": ws, "psi": True}, {"params": rest, "weight_decay": 5e-4}], lr=0.2, momentum=0.9)
+    ref = [w.detach().clone() for w in ws]  # SGDG put them on the sphere
+    ref_rest = torch.optim.SGD(r := [p.detach().clone().requires_grad_() for p in rest], lr=0.2, momentum=0.9,
+                               weight_decay=5e-4)
+    ms = [None] * len(ws)
+    for step in range(8):
+        gs = [torch.randn_like(w) * (1.0 if step % 2 else 0.01) for w in ws]  # the clip binds on odd steps only
+        for w, g in zip(ws, gs, strict=True):
+            w.grad = g.clone()
+        rest[0].grad = r[0].grad = torch.randn(16)
+        opt.step()
+        ref_rest.step()
+        for k, g in enumerate(gs):
+            ref[k], ms[k] = _sgdg_per_layer(ref[k], g, ms[k], 0.2, 0.9, 0.1)
+        for w, e, m, g in zip(ws, ref, ms, gs, strict=True):
+            assert torch.equal(w.grad, g)  # the step works in place on copies, never on .grad
+            torch.testing.assert_close(w.detach(), e, rtol=0, atol=1e-6)
+            torch.testing.assert_close(opt.state[w]["momentum"].reshape(m.shape), m, rtol=0, atol=1e-6)
+        assert torch.equal(rest[0], r[0])
+    with pytest.raises(ValueError, match="weight tensors only"):
+        SGDG([{"params": [torch.randn(4, 3), torch.randn(4)], "psi": True}], lr=0.1)
