@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,15 @@ def _flock(path: Path, shared: bool = False) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _trained_here(c: Config) -> bool:
+    """Whether this process finished the run (its summary names the process), not read it back."""
+    try:
+        by = json.loads((c.run_dir() / "summary.json").read_text()).get("trained_by") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return by.get("pid") == os.getpid() and by.get("host") == socket.gethostname()
 
 
 def _selection_lock(base: Config, shared: bool = False) -> contextlib.AbstractContextManager[None]:
@@ -402,6 +412,8 @@ def work(plan_path: str | os.PathLike, shard: tuple[int, int] = (1, 1), threads:
                 [r] = sweep([c], dataset=ds)
                 if passes and "locked" in r:  # another worker is on it: nothing to say
                     continue
+                if "failed" not in r and "locked" not in r and not _trained_here(c):
+                    continue  # another worker finished it between our look and our start: read back
                 state = "failed: " + r["failed"] if "failed" in r else "locked: " + r["locked"] if "locked" in r \
                     else f"done, final {next(v for k, v in r.items() if k.startswith('final_') and k.endswith('_acc'))}"
                 print(f"{time.strftime('%H:%M:%S')} {name}: {state} ({time.perf_counter() - t0:.0f} s)"

@@ -567,6 +567,7 @@ def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metri
             "mean_epoch_seconds": sum(timed) / len(timed),  # warm-up epochs (compilation) left out
             "warmup_epoch_seconds": [r["epoch_seconds"] for r in rows if r.get("warmup")],
             "world_size": world, "data_source": ds.source, "torch": torch.__version__,
+            "trained_by": {"pid": os.getpid(), "host": socket.gethostname()},  # the process that finished it
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
