@@ -45,15 +45,16 @@ import torch
 from . import data as D
 from .models import MODELS, build_model
 from .notebook import ParameterError, check_choice, check_positive, parse_shard, study_settings
-from .optimizers import DEFAULTS, OPTIMIZERS, build_optimizer
-from .study import select_lr
-from .train import SCHEDULES, Config, lock_holder, sweep
+from .optimizers import OPTIMIZERS
+from .study import read_selected_files, select_lr, selection_config, write_selected
+from .train import SCHEDULES, Config, lock_holder, optimizer_for, sweep
 
 __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "study_configs", "distinct", "plan",
            "cost_order", "run_states", "epoch_seconds", "main"]
 
 SETTINGS = ("dataset", "models", "optimizers", "seeds", "epochs", "schedule", "subset", "batch_size", "lr_grids",
             "val_size", "paper_settings")  # notebook 04's study parameters; --set NAME=VALUE takes these
+PAPER_SETTINGS = ("table1", "table2")  # the named settings a study runs at Table 3's rates (psi.optimizers)
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "synthetic": 2000}  # psi.data's training sets
 MPS_COMMAND = "nvidia-cuda-mps-control -d"
 
@@ -67,6 +68,10 @@ def check_settings(settings: dict[str, Any]) -> None:
     check_choice("optimizers", settings["optimizers"], OPTIMIZERS)
     check_choice("schedule", settings["schedule"], SCHEDULES)
     check_choice("lr_grids", list(settings["lr_grids"]), settings["optimizers"])
+    if not isinstance(settings["paper_settings"], (list, tuple)):
+        raise ParameterError(f"parameter paper_settings={settings['paper_settings']!r} must be a list of settings, "
+                             f"e.g. ['table1'] or ['table1', 'table2'] ([] for none)")
+    check_choice("paper_settings", list(settings["paper_settings"]), PAPER_SETTINGS)
     check_positive("epochs", settings["epochs"], integer=True)
     check_positive("batch_size", settings["batch_size"], integer=True)
     if settings["lr_grids"]:
@@ -116,7 +121,7 @@ def _selection_lock(base: Config, shared: bool = False) -> contextlib.AbstractCo
 def selection_configs(settings: dict[str, Any], base: Config) -> list[Config]:
     """The selection's starting runs: every (model, optimizer) with a grid, at each of its rates
     (what :func:`psi.study.select_lr` trains first; it may add up to two rates past an edge)."""
-    return [replace(base, model=m, optimizer=o, lr=lr, val_size=settings["val_size"], seed=0)
+    return [selection_config(replace(base, model=m), o, lr, settings["val_size"])
             for m in settings["models"] for o in settings["optimizers"] if o in settings["lr_grids"]
             for lr in sorted(settings["lr_grids"][o])]
 
@@ -124,8 +129,8 @@ def selection_configs(settings: dict[str, Any], base: Config) -> list[Config]:
 def select_lrs(settings: dict[str, Any], base: Config,
                dataset: D.Dataset | None = None) -> tuple[dict[tuple[str, str], float], list[Any]]:
     """Each (model, optimizer) with a grid: its learning rate chosen on the validation split
-    (:func:`psi.study.select_lr`), written to ``selected_lr-<dataset>-<model>.json`` in the runs
-    folder; returns ``{(model, optimizer): lr}`` and the tables of every rate tried. Finished
+    (:func:`psi.study.select_lr`), written to the runs folder (:func:`psi.study.write_selected`);
+    returns ``{(model, optimizer): lr}`` and the tables of every rate tried. Finished
     runs are read back, so a second call (or a second shard) trains nothing."""
     selected: dict[tuple[str, str], float] = {}
     tables = []
@@ -142,10 +147,7 @@ def select_lrs(settings: dict[str, Any], base: Config,
                     tables.append(table.assign(model=model))
             chosen = {o: lr for (m, o), lr in selected.items() if m == model}
             if chosen:
-                path = runs_dir / f"selected_lr-{settings['dataset']}-{model}.json"
-                tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(chosen, indent=1))
-                os.replace(tmp, path)
+                write_selected(runs_dir, settings["dataset"], model, chosen)
     return selected, tables
 
 
@@ -154,32 +156,31 @@ def read_selected(settings: dict[str, Any], base: Config) -> dict[tuple[str, str
     only when its selection run for these settings is finished (a file left by a study with
     other settings does not)."""
     selected = {}
-    for model in settings["models"]:
-        path = Path(base.out) / f"selected_lr-{settings['dataset']}-{model}.json"
-        chosen = json.loads(path.read_text()) if path.is_file() else {}
-        for opt, lr in chosen.items():
-            run = replace(base, model=model, optimizer=opt, lr=lr, val_size=settings["val_size"], seed=0)
-            if opt in settings["lr_grids"] and (run.run_dir() / "summary.json").is_file():
-                selected[(model, opt)] = lr
+    for (dataset, model, opt), lr in read_selected_files(base.out).items():
+        run = selection_config(replace(base, model=model), opt, lr, settings["val_size"])
+        if (dataset == settings["dataset"] and model in settings["models"] and opt in settings["lr_grids"]
+                and (run.run_dir() / "summary.json").is_file()):
+            selected[(model, opt)] = lr
     return selected
 
 
 def study_configs(settings: dict[str, Any], base: Config,
                   selected: dict[tuple[str, str], float]) -> list[tuple[str, Config]]:
     """The study's (setting, config) pairs: each model x optimizer at its selected rate
-    ("tuned", when there is one) and at appendix F.2's ("paper settings", when asked), each seed.
-    Two settings may name the same run (a selected rate equal to F.2's): see :func:`distinct`."""
+    (setting ``tuned``, when there is one) and under each named setting of ``paper_settings``
+    (``table1``, ``table2``: Table 3's rates, resolved by :mod:`psi.optimizers` and recorded by
+    the run), each seed. The label is the run's ``setting``; :func:`distinct` drops repeats."""
     pairs = []
     for model in settings["models"]:
         for opt in settings["optimizers"]:
-            lrs = {}
+            runs: list[tuple[str, float | None]] = []
             if (model, opt) in selected:
-                lrs["tuned"] = selected[(model, opt)]
-            if settings["paper_settings"]:
-                lrs["paper settings"] = DEFAULTS[opt]["lr"]
-            for label, lr in lrs.items():
+                runs.append(("tuned", selected[(model, opt)]))
+            runs += [(name, None) for name in settings["paper_settings"]]
+            for setting, lr in runs:
                 for seed in settings["seeds"]:
-                    pairs.append((label, replace(base, model=model, optimizer=opt, seed=seed, lr=lr)))
+                    pairs.append((setting, replace(base, model=model, optimizer=opt, setting=setting, seed=seed,
+                                                   lr=lr)))
     return pairs
 
 
@@ -323,8 +324,7 @@ def _timed_ips(cfg: Config, steps: int) -> float:
     model = model.to(memory_format=fmt)
     x = torch.randn(r.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (r.batch_size,), device=device)
-    opt = build_optimizer(r.optimizer, model, x[:16], lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                          rest_lr=r.rest_lr, max_norm=r.max_norm)
+    opt = optimizer_for(r, model, x[:16])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
     model.train()
 
@@ -363,7 +363,7 @@ def epoch_seconds(configs: list[Config], steps: int = 20) -> dict[str, tuple[flo
                                 "have finished epochs)")
         else:
             opt = "psi-sgdm" if any(x.optimizer == "psi-sgdm" for x in configs) else c.optimizer
-            cfg = replace(c, optimizer=opt, lr=None)
+            cfg = replace(c, optimizer=opt, setting="table1", lr=None, omega=None)  # Table 3's rate
             r = cfg.resolved()
             out[model] = (50000 / _timed_ips(cfg, steps),
                           f"estimate from {steps} steps of {opt} on {r.device} (eager, amp {r.amp}, channels-last "
@@ -525,7 +525,7 @@ def _print_plan(settings: dict[str, Any], base: Config, p: dict[str, Any], assig
             i += 1
             d = c.run_dir()
             state = "done" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file() else ""
-            print(f"  {i:4d} {c.dataset} {c.model} {c.optimizer} lr={c.lr if c.lr is not None else 'F.2'} "
+            print(f"  {i:4d} {c.dataset} {c.model} {c.optimizer} {c.setting} lr={c.lr if c.lr is not None else 'Table 3'} "
                   f"seed={c.seed} epochs={c.epochs} -> {assign(j)}  {d} {state}".rstrip())
     if p["pending"]:
         print(f"  + {p['pending']} tuned runs once the selection has chosen their rates")

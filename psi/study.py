@@ -1,10 +1,19 @@
-"""Studies over many runs: learning-rate selection on a validation split, collection of
-finished runs, the paper's Table 1 beside ours, Welch t-tests. Used by notebooks 04 and 05.
+"""Studies over many runs: learning-rate selection on a validation split and its files, collection of
+finished runs by what they recorded, the paper's Tables 1 and 2 as data, paired comparisons.
+Used by notebooks 04 and 05 and :mod:`psi.grid`.
+
+Paired, not unpaired: at a given seed every optimizer starts from the same initial weights (SGDG's
+scaled to unit norm: the same network under BN) and sees the same batches and augmentations
+(``tests/test_settings.py`` checks it: with every learning rate near zero all optimizers give the
+same training losses), so seed-to-seed variation common to both cancels in the difference.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,13 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .optimizers import DEFAULTS
 from .train import Config, sweep
 
-__all__ = ["PAPER_TABLE1", "PAPER_EPOCH_SECONDS", "select_lr", "load_runs", "load_metrics", "table1", "welch"]
+__all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLES", "PAPER_SOURCES", "PAPER_TABLE_OF", "PAPER_EPOCH_SECONDS",
+           "selection_config", "select_lr", "write_selected", "read_selected_files", "load_runs", "load_metrics",
+           "compare", "paired", "min_detectable", "judge"]
 
-# Table 1 of the paper: mean (std) test accuracy in %, 5 runs, 200 epochs, official CIFAR files.
-_T1_ALGOS = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm")
+_ALGOS = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm")
+# Table 1 (p. 1134 of the proceedings, page 7 of the PDF): mean and std of the test accuracy in %,
+# 5 runs, 200 epochs, no regularizer. CIFAR only (ImageNet's rows are not run here).
 _T1 = {
     ("cifar10", "resnet20"): (91.14, 0.10, 89.90, 0.17, 91.38, 0.21, 92.25, 0.03, 92.41, 0.12),
     ("cifar10", "resnet32"): (91.32, 0.23, 90.40, 0.32, 92.48, 0.35, 93.56, 0.08, 93.30, 0.14),
@@ -29,11 +40,42 @@ _T1 = {
     ("cifar100", "resnet44"): (67.72, 0.31, 65.03, 0.38, 71.32, 0.12, 71.94, 0.21, 72.03, 0.14),
     ("cifar100", "resnet56"): (68.02, 0.26, 65.77, 0.13, 71.46, 0.06, 72.88, 0.24, 72.40, 0.16),
 }
+# Table 2 (supplement p. 17): test accuracy in % with the L2 regularizer, means only (no std is
+# printed); ``elsewhere`` is the number it gives in parentheses for SGD, from He et al. 2016
+# (CIFAR-10) and Huang et al. 2017 (CIFAR-100).
+_T2 = {
+    ("cifar10", "resnet20"): (92.35, 90.89, 91.99, 92.49, 92.70, 91.25),
+    ("cifar10", "resnet32"): (93.64, 91.83, 92.53, 93.75, 93.80, 92.49),
+    ("cifar10", "resnet44"): (93.74, 91.85, 93.30, 94.15, 93.92, 92.83),
+    ("cifar10", "resnet56"): (94.19, 91.78, 93.37, 93.98, 93.99, 93.03),
+    ("cifar100", "resnet20"): (68.62, 65.66, 68.67, 69.62, 69.64, 67.72),
+    ("cifar100", "resnet32"): (70.67, 67.72, 70.49, 71.21, 71.07, 69.38),
+    ("cifar100", "resnet44"): (71.31, 68.24, 71.49, 72.03, 72.00, 70.05),
+    ("cifar100", "resnet56"): (72.44, 68.78, 71.56, 73.05, 72.62, 70.93),
+}
 PAPER_TABLE1 = pd.DataFrame(
-    [dict(dataset=d, model=m, optimizer=a, paper_mean=v[2 * i], paper_std=v[2 * i + 1])
-     for (d, m), v in _T1.items() for i, a in enumerate(_T1_ALGOS)])
-# Section 6.2: seconds per epoch, ResNet-56 on CIFAR-10, one V100.
+    [dict(paper_table="Table 1", dataset=d, model=m, optimizer=a, paper_mean=v[2 * i], paper_std=v[2 * i + 1])
+     for (d, m), v in _T1.items() for i, a in enumerate(_ALGOS)])
+PAPER_TABLE2 = pd.DataFrame(
+    [dict(paper_table="Table 2", dataset=d, model=m, optimizer=a, paper_mean=v[i], paper_std=np.nan,
+          elsewhere=v[5] if a == "sgd" else np.nan)
+     for (d, m), v in _T2.items() for i, a in enumerate(_ALGOS)])
+PAPER_TABLES = pd.concat([PAPER_TABLE1, PAPER_TABLE2], ignore_index=True)
+PAPER_SOURCES = {
+    "Table 1": "Yi 2022, Table 1, p. 1134 (page 7 of the PDF): no regularizer; mean ± std of 5 runs, 200 epochs",
+    "Table 2": "Yi 2022, supplement Table 2, p. 17: L2 regularizer in the loss (SGDG: Cho and Lee's); means only",
+}
+PAPER_TABLE_OF = {"table1": "Table 1", "tuned": "Table 1", "table2": "Table 2"}  # each setting's own table
+# Section 6.2 (p. 1135): seconds per epoch, ResNet-56 on CIFAR-10, one V100.
 PAPER_EPOCH_SECONDS = {"sgd": 16.98, "adam": 18.1, "sgdg": 26.6, "psi-sgd": 18.2, "psi-sgdm": 18.5}
+
+
+# -- learning-rate selection and its files ----------------------------------------------------
+
+def selection_config(base: Config, optimizer: str, lr: float, val_size: int, seed: int = 0) -> Config:
+    """A run of the selection: ``optimizer`` at ``lr`` under the setting ``tuned``, scored on a
+    validation split of ``val_size`` training images (one definition for the study and the grid tool)."""
+    return replace(base, optimizer=optimizer, setting="tuned", lr=lr, val_size=val_size, seed=seed)
 
 
 def _final(summary: dict[str, Any], split: str) -> float:
@@ -54,7 +96,7 @@ def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, se
     acc: dict[float, float] = {}
     while True:
         todo = [lr for lr in grid if lr not in acc]
-        cfgs = [replace(base, optimizer=optimizer, lr=lr, val_size=val_size, seed=seed) for lr in todo]
+        cfgs = [selection_config(base, optimizer, lr, val_size, seed) for lr in todo]
         for cfg, s in zip(cfgs, sweep(cfgs, dataset=dataset), strict=True):
             acc[cfg.lr] = _final(s, "val") if "failed" not in s else np.nan
         finite = {lr: a for lr, a in acc.items() if not np.isnan(a)}
@@ -73,29 +115,85 @@ def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, se
     return best, table
 
 
+def _selected_path(runs_dir: str | os.PathLike, dataset: str, model: str) -> Path:
+    return Path(runs_dir) / f"selected_lr-{dataset}-{model}.json"
+
+
+def write_selected(runs_dir: str | os.PathLike, dataset: str, model: str, chosen: dict[str, float]) -> Path:
+    """Record the rates a selection chose, ``{optimizer: lr}``, as ``selected_lr-<dataset>-<model>.json``
+    in the runs folder (atomically: a concurrent reader sees the old file or the new one)."""
+    path = _selected_path(runs_dir, dataset, model)
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(chosen, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_selected_files(runs_dir: str | os.PathLike) -> dict[tuple[str, str, str], float]:
+    """Every rate the selection files of ``runs_dir`` hold: ``{(dataset, model, optimizer): lr}``
+    (dataset and model names hold no ``-``)."""
+    out = {}
+    for p in sorted(Path(runs_dir).glob("selected_lr-*.json")):
+        _, dataset, model = p.stem.split("-", 2)
+        for opt, lr in json.loads(p.read_text()).items():
+            out[(dataset, model, opt)] = float(lr)
+    return out
+
+
+# -- finished runs, read from what they recorded ----------------------------------------------
+
+def _recorded(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``config.json`` when it records its setting and groups, else None."""
+    path = run_dir / "config.json"
+    c = json.loads(path.read_text()) if path.is_file() else {}
+    return c if "setting" in c and "groups" in c else None
+
+
+def _method_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The group the named method updates (``all`` for SGD/SGDP, else ``psi``)."""
+    return next(g for g in groups if g.get("name") in ("all", "psi"))
+
+
+def _warn_unrecorded(names: list[str], runs_dir: str | os.PathLike) -> None:
+    if names:
+        warnings.warn(f"{len(names)} finished runs under {runs_dir} do not record their setting and optimizer groups "
+                      f"(made before runs did), e.g. {names[0]}: left out; train them again to include them",
+                      stacklevel=3)
+
+
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per finished run folder under ``runs_dir`` (those with a ``summary.json``)."""
-    rows = []
+    """One row per finished run folder under ``runs_dir`` (those with a ``summary.json``): its
+    setting and the named method's learning rate as the run recorded them (``config.json``), never
+    today's defaults. Runs that record neither are left out, with a warning."""
+    rows, unrecorded = [], []
     for p in sorted(Path(runs_dir).glob("*/summary.json")):
+        c = _recorded(p.parent)
+        if c is None:
+            unrecorded.append(p.parent.name)
+            continue
         s = json.loads(p.read_text())
-        c = s["config"]
-        lr = c["lr"] if c["lr"] is not None else DEFAULTS[c["optimizer"]]["lr"]
         split = "val" if c.get("val_size") else "test"
         rows.append({"run": p.parent.name, "dataset": c["dataset"], "model": c["model"], "optimizer": c["optimizer"],
-                     "seed": c["seed"], "lr": lr, "epochs": c["epochs"], "subset": c["subset"], "split": split,
+                     "setting": c["setting"], "seed": c["seed"], "lr": _method_group(c["groups"])["lr"],
+                     "epochs": c["epochs"], "subset": c["subset"], "split": split,
                      "acc": 100 * _final(s, split), "best_acc": 100 * s[f"best_{split}_acc"],
                      "final_train_loss": s["final_train_loss"], "epoch_seconds": s["mean_epoch_seconds"],
                      "source": s.get("data_source")})
+    _warn_unrecorded(unrecorded, runs_dir)
     return pd.DataFrame(rows)
 
 
 def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd.DataFrame:
-    """Per-epoch metrics of runs (all finished ones by default), with the run's identity."""
-    frames = []
+    """Per-epoch metrics of runs (all recorded ones by default), with the run's identity and its
+    recorded setting and learning rate (``lr_base``)."""
+    frames, unrecorded = [], []
     for p in sorted(Path(runs_dir).glob("*/metrics.jsonl")):
         if run_names is not None and p.parent.name not in run_names:
             continue
-        c = json.loads((p.parent / "config.json").read_text())
+        c = _recorded(p.parent)
+        if c is None:
+            unrecorded.append(p.parent.name)
+            continue
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
         for r in rows:
             layers = r.pop("psi_layers", {})
@@ -104,30 +202,96 @@ def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd
                 r["psi_eff_lr"] = float(np.nanmean([v["eff_lr"] for v in layers.values()])) \
                     if not all(np.isnan(v["eff_lr"]) for v in layers.values()) else np.nan
             r.update(run=p.parent.name, optimizer=c["optimizer"], model=c["model"], seed=c["seed"],
-                     lr_base=c["lr"] if c["lr"] is not None else DEFAULTS[c["optimizer"]]["lr"])
+                     setting=c["setting"], lr_base=_method_group(c["groups"])["lr"])
         frames.append(pd.DataFrame(rows))
+    _warn_unrecorded(unrecorded, runs_dir)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def table1(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of the final test accuracy per dataset, model, optimizer and lr,
-    beside the paper's Table 1 (``diff`` = ours - paper)."""
+def compare(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count over seeds of the final test accuracy per setting, dataset, model,
+    optimizer and lr, beside the paper's table *for that setting* (``PAPER_TABLE_OF``: Table 1 for
+    ``table1`` and ``tuned``, Table 2 for ``table2``); ``diff`` = ours - paper."""
     test = runs[runs["split"] == "test"]
-    agg = test.groupby(["dataset", "model", "optimizer", "lr", "epochs", "subset"], dropna=False)["acc"].agg(
+    agg = test.groupby(["setting", "dataset", "model", "optimizer", "lr", "epochs", "subset"], dropna=False)["acc"].agg(
         ["mean", "std", "count"]).reset_index()
-    out = agg.merge(PAPER_TABLE1, on=["dataset", "model", "optimizer"], how="left")
+    agg["paper_table"] = agg["setting"].map(PAPER_TABLE_OF)
+    out = agg.merge(PAPER_TABLES, on=["paper_table", "dataset", "model", "optimizer"], how="left")
     out["diff"] = out["mean"] - out["paper_mean"]
     return out
 
 
-def welch(runs: pd.DataFrame, a: str, b: str = "sgd") -> dict[str, float]:
-    """Welch's t-test of the final test accuracies of optimizer ``a`` against ``b`` (rows given)."""
+# -- paired comparisons ------------------------------------------------------------------------
+
+def min_detectable(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at level ``alpha`` finds
+    with probability ``power``, for ``n`` pairs whose differences have standard deviation ``sd``
+    (the noncentral t distribution; ``sd`` is the observed one, taken as the true one)."""
+    from scipy import optimize, stats
+
+    if n < 2 or not np.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    df, scale = n - 1, math.sqrt(n) / sd
+    tc = stats.t.ppf(1 - alpha / 2, df)
+
+    def detect(delta: float) -> float:
+        wrong_side = stats.nct.cdf(-tc, df, delta * scale)  # below 1e-20 once it matters not; scipy may give NaN
+        return stats.nct.sf(tc, df, delta * scale) + np.nan_to_num(wrong_side) - power
+
+    hi = sd
+    while detect(hi) < 0:
+        hi *= 2
+    return float(optimize.brentq(detect, 0.0, hi, xtol=1e-10))
+
+
+def paired(runs: pd.DataFrame, a: str, b: str = "sgd", alpha: float = 0.05, power: float = 0.8) -> dict[str, float]:
+    """Final accuracy of ``a`` minus ``b``, paired by seed, over the rows given (one dataset, model,
+    setting, length and subset: at a seed both start from the same weights and see the same
+    batches). Returns the mean difference ``diff``, its ``1 - alpha`` confidence interval
+    (``ci_low``, ``ci_high``: t), ``n`` pairs, ``sd`` of the differences, the paired t-test's
+    ``p`` and ``mde``, the smallest effect this design detects with probability ``power``
+    (:func:`min_detectable`). Seeds run by only one of the two are left out."""
     from scipy import stats
 
-    x = runs.loc[runs["optimizer"] == a, "acc"].to_numpy()
-    y = runs.loc[runs["optimizer"] == b, "acc"].to_numpy()
-    if len(x) < 2 or len(y) < 2:
-        return {"diff": float(np.mean(x) - np.mean(y)) if len(x) and len(y) else np.nan, "t": np.nan, "p": np.nan,
-                "n_a": len(x), "n_b": len(y)}
-    t, p = stats.ttest_ind(x, y, equal_var=False)
-    return {"diff": float(x.mean() - y.mean()), "t": float(t), "p": float(p), "n_a": len(x), "n_b": len(y)}
+    x = runs.loc[runs["optimizer"] == a].set_index("seed")["acc"]
+    y = runs.loc[runs["optimizer"] == b].set_index("seed")["acc"]
+    if x.index.has_duplicates or y.index.has_duplicates:
+        raise ValueError(f"several runs of {a} or {b} at one seed: pass the rows of one dataset, model, setting, "
+                         f"number of epochs and subset")
+    seeds = x.index.intersection(y.index)
+    d = (x[seeds] - y[seeds]).to_numpy(dtype=float)
+    n = len(d)
+    out = {"diff": float(d.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": n,
+           "sd": math.nan, "p": math.nan, "mde": math.nan}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    half = stats.t.ppf(1 - alpha / 2, n - 1) * sd / math.sqrt(n)
+    p = float(stats.ttest_rel(x[seeds], y[seeds]).pvalue) if sd > 0 else math.nan
+    out.update(ci_low=out["diff"] - half, ci_high=out["diff"] + half, sd=sd, p=p,
+               mde=min_detectable(sd, n, alpha, power))
+    return out
+
+
+def judge(p: dict[str, float], paper_diff: float | None, b: str = "SGD") -> str:
+    """What a paired comparison :func:`paired` says, in words, beside the paper's difference for the
+    same cell (``paper_diff``; None or NaN where the paper has none). "not confirmed at this scale"
+    only when the interval excludes the paper's improvement and shows none; when it holds both 0 and
+    the paper's difference the comparison is "inconclusive at this scale"."""
+    lo, hi = p["ci_low"], p["ci_high"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"too few pairs for an interval (n = {p['n']})"
+    sign = f"better than {b}" if lo > 0 else f"worse than {b}" if hi < 0 else f"no difference from {b} detected"
+    if paper_diff is None or not np.isfinite(paper_diff):
+        return f"{sign} (the paper has no number here)"
+    where = "inside" if lo <= paper_diff <= hi else "above" if paper_diff > hi else "below"
+    words = f"{sign}; the paper's {paper_diff:+.2f} lies {where} the interval"
+    if paper_diff <= 0:
+        return words + f" (the paper reports no gain over {b} here)"
+    if lo > 0:
+        return words + ": the paper's claim held at this scale"
+    if hi < paper_diff:
+        return words + ": not confirmed at this scale"
+    return words + ": inconclusive at this scale"

@@ -7,8 +7,10 @@
 
 A run folder ``<out>/<dataset>-<model>-<optimizer>-s<seed>-<hash>`` (the hash is of the whole
 resolved config and the device kind: results are keyed by it) holds ``config.json`` (what ran,
-defaults resolved), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
-atomically after every epoch) and, once finished, ``summary.json``. Running the same command
+defaults resolved, with the ``setting`` and every optimizer group's hyperparameters as the
+optimizer read them: :func:`psi.optimizers.describe`), ``metrics.jsonl`` (one JSON object per
+epoch), ``checkpoint.pt`` (written atomically after every epoch) and, once finished,
+``summary.json``. Running the same command
 again resumes from the checkpoint; a finished run is not run again. One process at a time works
 in a run folder (an ``flock`` on ``.lock``, released by the kernel even on ``kill -9``): a second
 one is refused with :class:`RunLocked`, naming the holder.
@@ -47,10 +49,10 @@ from torch import Tensor, nn
 
 from . import data as D
 from .models import MODELS, build_model
-from .optimizers import OPTIMIZERS, build_optimizer
+from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe
 
-__all__ = ["Config", "run", "sweep", "lr_factor", "TrainingDiverged", "RunLocked", "lock_holder", "main",
-           "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
+__all__ = ["Config", "run", "sweep", "lr_factor", "optimizer_for", "TrainingDiverged", "RunLocked", "lock_holder",
+           "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -75,12 +77,15 @@ class RunLocked(RuntimeError):
 
 @dataclass
 class Config:
-    """Everything that defines a run. ``lr=None`` etc. take the optimizer's F.2 default; ``amp``,
+    """Everything that defines a run. ``setting`` names the paper's conditions (``table1``: no
+    regularizer; ``table2``: L2 / SGDG's orthogonality term; ``tuned``: table1's with a selected
+    ``lr``; see :mod:`psi.optimizers`); ``lr=None`` etc. take the setting's value; ``amp``,
     ``channels_last`` and ``compile`` left at auto take the device's best (see :meth:`resolved`)."""
 
     dataset: str = "cifar10"
     model: str = "resnet20"
     optimizer: str = "psi-sgdm"
+    setting: str = "table1"
     epochs: int = 200
     batch_size: int = 128
     seed: int = 0
@@ -88,6 +93,7 @@ class Config:
     momentum: float | None = None
     weight_decay: float | None = None
     rest_lr: float | None = None
+    omega: float | None = None  # SGDG's orthogonality regularizer (None: the setting's)
     schedule: str = "step"
     milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
     gamma: float = 0.2
@@ -107,7 +113,8 @@ class Config:
 
     def validate(self) -> None:
         checks = [("dataset", self.dataset, D.DATASETS), ("model", self.model, tuple(MODELS)),
-                  ("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
+                  ("optimizer", self.optimizer, OPTIMIZERS), ("setting", self.setting, SETTINGS),
+                  ("schedule", self.schedule, SCHEDULES),
                   ("amp", self.amp, (*AMP_MODES, None))]
         for name, value, valid in checks:
             if value not in valid:
@@ -117,6 +124,10 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.setting == "tuned" and self.lr is None:
+            raise ValueError("setting 'tuned' needs --lr (the learning rate the selection chose)")
+        if self.omega is not None and (self.optimizer != "sgdg" or self.omega < 0):
+            raise ValueError(f"omega is SGDG's orthogonality regularizer (>= 0), not {self.optimizer}'s: {self.omega}")
         try:
             torch.device(self.device)
         except RuntimeError as e:
@@ -158,6 +169,13 @@ def lr_factor(cfg: Config, t: float) -> float:
         w = cfg.warmup_epochs
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / max(cfg.epochs - w, 1e-9))))
     return 1.0
+
+
+def optimizer_for(cfg: Config, model: nn.Module, example: Tensor) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, under its setting and overrides (one place for the engine and the grid tool)."""
+    return build_optimizer(cfg.optimizer, model, example, cfg.setting, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, rest_lr=cfg.rest_lr, omega=cfg.omega,
+                           max_norm=cfg.max_norm)
 
 
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
@@ -418,8 +436,6 @@ def _rank0_lock(out: Path, rank: int, world: int) -> Iterator[None]:
 
 def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
            dataset: D.Dataset | None) -> dict[str, Any]:
-    if rank == 0:
-        _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world})
     _set_determinism(cfg, device)
     torch.manual_seed(cfg.seed)
     ds = dataset or D.load_dataset(cfg.dataset, cfg.data_dir)
@@ -429,8 +445,10 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     example = next(iter(train.epoch(0)))[0][:DISCOVERY_EXAMPLES]
-    opt = build_optimizer(cfg.optimizer, model, example, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, rest_lr=cfg.rest_lr, max_norm=cfg.max_norm)
+    opt = optimizer_for(cfg, model, example)
+    if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
+        _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
+                                          "groups": describe(opt)})
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -603,10 +621,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", nargs="+", type=int, default=[d.seed], help="one or more")
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, help="learning rate of the named method (default: appendix F.2's)")
+    ap.add_argument("--setting", default=d.setting, choices=SETTINGS,
+                    help="table1: no regularizer (Table 1); table2: L2 5e-4 in the loss, SGDG's orthogonality "
+                         "omega 0.1 (supplement Table 2); tuned: table1 with the --lr a selection chose "
+                         "(psi.optimizers says where every value comes from)")
+    ap.add_argument("--lr", type=float, help="learning rate of the named method (default: Table 3's)")
     ap.add_argument("--rest-lr", type=float, help="learning rate of the non-PSI parameters (default 0.1)")
     ap.add_argument("--momentum", type=float)
-    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--weight-decay", type=float, help="L2 of the named method's group (default: the setting's)")
+    ap.add_argument("--omega", type=float, help="SGDG's orthogonality regularizer (default: the setting's)")
     ap.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                     help="step: x0.2 at 30/60/80%% of the epochs (the paper's 60/120/160 of 200)")
     ap.add_argument("--warmup-epochs", type=float, default=0.0)
@@ -650,8 +673,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device is visible to torch {torch.__version__}")
-    configs = [Config(dataset=a.dataset, model=m, optimizer=o, seed=s, epochs=a.epochs, batch_size=a.batch_size,
-                      lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum, weight_decay=a.weight_decay,
+    configs = [Config(dataset=a.dataset, model=m, optimizer=o, setting=a.setting, seed=s, epochs=a.epochs,
+                      batch_size=a.batch_size, lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum,
+                      weight_decay=a.weight_decay, omega=a.omega,
                       schedule=a.schedule, warmup_epochs=a.warmup_epochs, subset=a.subset, val_size=a.val_size,
                       max_norm=a.max_norm, bn_split=a.bn_split, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
                       channels_last=a.channels_last, compile=a.compile, deterministic=a.deterministic,

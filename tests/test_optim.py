@@ -1,6 +1,7 @@
 """PSISGD: Theorem 1, the step against eq. 10 / Algorithm 1, torch SGD on the rest, state."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -261,35 +262,36 @@ def _copies(n):
     return [a] + [copy.deepcopy(a) for _ in range(n - 1)]
 
 
-def _per_layer(name, model, x0):
+def _per_layer(name, setting, model, x0):
     """What build_optimizer returned before it merged groups: one group per scale-invariant layer."""
-    from psi.optimizers import DEFAULTS, REST, Combined
+    from psi.optimizers import Combined, resolve
 
-    hp, groups = DEFAULTS[name], psi.param_groups(model, x0)
+    spec, groups = resolve(name, setting), psi.param_groups(model, x0)
+    hp = {k: v for k, v in spec[0].items() if k != "name"}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        return torch.optim.SGD(groups, **hp)
     if name == "sgdp":
         from adamp import SGDP
 
-        return SGDP(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], nesterov=True)
+        return SGDP(groups, **hp)
+    rest = {k: v for k, v in spec[1].items() if k != "name"}
     if name == "adam":
-        return Combined(torch.optim.Adam(groups[:-1], lr=hp["lr"], weight_decay=hp["weight_decay"]),
-                        torch.optim.SGD([groups[-1]], **REST))
-    return psi.PSISGD([dict(g, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-                       for g in groups[:-1]] + [dict(groups[-1], **REST)], lr=hp["lr"])
+        return Combined(torch.optim.Adam(groups[:-1], **hp), torch.optim.SGD([groups[-1]], **rest))
+    return psi.PSISGD([dict(g, **hp) for g in groups[:-1]] + [dict(groups[-1], **rest)], lr=hp["lr"])
 
 
+@pytest.mark.parametrize("setting", ["table1", "table2"])
 @pytest.mark.parametrize("name", ["sgd", "adam", "psi-sgd", "psi-sgdm", "sgdp"])
-def test_merged_groups_equal_per_layer_groups_to_the_bit(name):
+def test_merged_groups_equal_per_layer_groups_to_the_bit(name, setting):
     from psi.optimizers import build_optimizer
 
     a, b = _copies(2)
     x0 = torch.randn(8, 3, 16, 16)
-    merged = build_optimizer(name, a, x0)
+    merged = build_optimizer(name, a, x0, setting)
     assert len(merged.param_groups) == (1 if name in ("sgd", "sgdp") else 2)
     batches = [(x.float(), y) for x, y in _batches(6)]
     _train(a, merged, batches)
-    _train(b, _per_layer(name, b, x0), batches)
+    _train(b, _per_layer(name, setting, b, x0), batches)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -354,3 +356,79 @@ def test_sgdg_stacked_layers_match_the_layer_by_layer_step():
         assert torch.equal(rest[0], r[0])
     with pytest.raises(ValueError, match="weight tensors only"):
         SGDG([{"params": [torch.randn(4, 3), torch.randn(4)], "psi": True}], lr=0.1)
+
+
+# -- SGDG against Cho and Lee's code ----------------------------------------------------------
+
+def _cho_lee_step(p, grad, mom, lr, momentum, omega, grad_clip, eps):
+    """One step of SGDG as Cho and Lee's code makes it (riemannian-batch-normalization-pytorch,
+    ``grassmann_optimizer.SGDG.step`` with ``gutils``; their TensorFlow code's ``SgdgOptimizer`` and
+    orthogonality loss are the same), transcribed operation by operation for a single layer ``p``
+    (neurons on axis 0): the new ``p`` and the new momentum. ``eps``: their ``unit`` divides by
+    ``norm + 1e-8``."""
+    def unit(v):
+        n = v.norm(dim=1, keepdim=True)
+        return v / (n + eps), n
+
+    unity, _ = unit(p.reshape(p.shape[0], -1))
+    g = grad.reshape(p.shape[0], -1).clone()
+    if omega != 0:  # their comment: L=|Y'Y-I|^2/2=|YY'-I|^2/2+c, dL/dY=2(YY'Y-Y)
+        g = g + 2 * omega * (unity @ unity.t() @ unity - unity)
+    h = g - (unity * g).sum(1, keepdim=True) * unity  # gproj
+    if grad_clip is not None:  # clip_by_norm: rows longer than grad_clip scaled down to it
+        hn = h.norm(dim=1, keepdim=True)
+        scale = torch.ones_like(hn)
+        mask = hn > grad_clip
+        scale[mask] = grad_clip / hn[mask]
+        h = h * scale
+    mom_new = momentum * mom - lr * h
+    u, hnorm = unit(mom_new)
+    new_p = unity * hnorm.cos() + u * hnorm.sin()  # gexp
+    new_mom = (u * hnorm.cos() - unity * hnorm.sin()) * hnorm  # gpt
+    return new_p.view_as(p), new_mom
+
+
+@pytest.mark.parametrize("eps,atol", [(0.0, 1e-12), (1e-8, 1e-6)], ids=["exact", "their-eps"])
+@pytest.mark.parametrize("omega", [0.0, 0.1])
+def test_sgdg_is_cho_and_lees_update(omega, eps, atol):
+    """Layers stacked by trailing shape, orthogonality regularizer per layer, clipping that binds on
+    some steps: every weight (as a unit row: their rows drift off the sphere by their ``eps``) and
+    momentum equals their code's, step after step (float64): to rounding without their ``eps``, to
+    about its size with it."""
+    from psi.sgdg import SGDG
+
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (6, 4, 3, 3), (6, 4, 3, 3), (5, 7)]  # two layers share a trailing shape
+    ws = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    opt = SGDG([{"params": ws, "psi": True}], lr=0.2, momentum=0.9, grad_clip=0.1, omega=omega)
+    ref = [w.detach().clone() for w in ws]  # on the sphere already: they initialise to unit norm too
+    moms = [torch.zeros(s[0], math.prod(s[1:]), dtype=torch.float64) for s in shapes]
+    for step in range(8):
+        gs = [torch.randn_like(w) * (1.0 if step % 2 else 0.01) for w in ws]
+        for w, g in zip(ws, gs, strict=True):
+            w.grad = g.clone()
+        opt.step()
+        for k, g in enumerate(gs):
+            ref[k], moms[k] = _cho_lee_step(ref[k], g, moms[k], 0.2, 0.9, omega, 0.1, eps)
+            rows = ref[k].reshape(shapes[k][0], -1)
+            torch.testing.assert_close(ws[k].detach(), (rows / rows.norm(dim=1, keepdim=True)).view_as(ref[k]), rtol=0,
+                                       atol=atol)
+            torch.testing.assert_close(opt.state[ws[k]]["momentum"].reshape(moms[k].shape), moms[k], rtol=0, atol=atol)
+            assert torch.equal(ws[k].grad, g)  # .grad untouched, regularizer included
+
+
+def test_orthogonality_term_is_the_gradient_of_the_regularizer_of_each_layer():
+    """``2 omega (Y Y^T Y - Y)`` is autograd's gradient of ``omega/2 ||Y Y^T - I||_F^2`` for each
+    layer's unit rows, and stacking layers adds no cross-layer term."""
+    from psi.sgdg import _add_orthogonality
+
+    torch.manual_seed(0)
+    layers = [torch.nn.functional.normalize(torch.randn(n, 9, dtype=torch.float64), dim=1) for n in (3, 5)]
+    expected = []
+    for y in layers:
+        y = y.clone().requires_grad_()
+        (0.05 * (y @ y.T - torch.eye(len(y), dtype=torch.float64)).square().sum()).backward()
+        expected.append(y.grad)
+    g = torch.zeros(8, 9, dtype=torch.float64)
+    _add_orthogonality(g, torch.cat(layers), [3, 5], omega=0.1)
+    torch.testing.assert_close(g, torch.cat(expected))

@@ -1,10 +1,11 @@
-"""psi.study: the learning-rate selection and the paper's table."""
+"""psi.study: the learning-rate selection and its files, the paper's tables, paired comparisons."""
 
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from psi import study
 from psi.train import Config
@@ -13,6 +14,7 @@ from psi.train import Config
 def _fake_sweep(peak):
     def sweep(cfgs, shard=(1, 1), dataset=None):
         assert all(c.val_size == 100 for c in cfgs)  # selected on the validation split, never on test
+        assert all(c.setting == "tuned" and c.lr is not None for c in cfgs)  # the runs record what they are
         return [{"final_val_acc": 1 - abs(math.log(c.lr / peak))} if c.lr < 5 else {"failed": "diverged"}
                 for c in cfgs]
     return sweep
@@ -32,12 +34,85 @@ def test_select_lr_all_diverged(monkeypatch):
         study.select_lr(Config(), "sgd", [10.0, 30.0], val_size=100, extend=0)
 
 
-def test_table1_and_welch():
-    assert len(study.PAPER_TABLE1) == 40
-    runs = pd.DataFrame({"dataset": "cifar10", "model": "resnet20", "split": "test", "epochs": 200, "subset": np.nan,
-                         "optimizer": ["sgd"] * 3 + ["psi-sgdm"] * 3, "lr": [0.1] * 6,
-                         "acc": [91.0, 91.2, 91.1, 92.4, 92.5, 92.3]})
-    t = study.table1(runs).set_index("optimizer")
-    assert t.loc["psi-sgdm", "paper_mean"] == 92.41 and t.loc["psi-sgdm", "diff"] == pytest.approx(92.4 - 92.41)
-    w = study.welch(runs, "psi-sgdm")
-    assert w["diff"] == pytest.approx(1.3) and w["p"] < 0.01
+def test_selected_files_round_trip(tmp_path):
+    study.write_selected(tmp_path, "cifar10", "resnet20", {"sgd": 0.03, "psi-sgd": 0.3})
+    study.write_selected(tmp_path, "cifar100", "resnet56", {"psi-sgdm": 0.1})
+    assert study.read_selected_files(tmp_path) == {("cifar10", "resnet20", "sgd"): 0.03,
+                                                   ("cifar10", "resnet20", "psi-sgd"): 0.3,
+                                                   ("cifar100", "resnet56", "psi-sgdm"): 0.1}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_paper_tables_and_their_pages():
+    t1, t2 = study.PAPER_TABLE1.set_index(["dataset", "model", "optimizer"]), \
+        study.PAPER_TABLE2.set_index(["dataset", "model", "optimizer"])
+    assert len(t1) == len(t2) == 40
+    assert t1.loc[("cifar10", "resnet20", "psi-sgdm"), "paper_mean"] == 92.41
+    assert t1.loc[("cifar100", "resnet56", "sgd"), "paper_std"] == 0.26
+    assert t2.loc[("cifar10", "resnet56", "psi-sgd"), "paper_mean"] == 93.98
+    assert t2.loc[("cifar100", "resnet20", "psi-sgdm"), "paper_mean"] == 69.64
+    assert t2.loc[("cifar10", "resnet56", "sgd"), "elsewhere"] == 93.03 and t2["paper_std"].isna().all()
+    assert "p. 1134" in study.PAPER_SOURCES["Table 1"] and "p. 17" in study.PAPER_SOURCES["Table 2"]
+    assert study.PAPER_TABLE_OF == {"table1": "Table 1", "tuned": "Table 1", "table2": "Table 2"}
+
+
+def _runs(setting="table1", a=(92.4, 92.5, 92.3), b=(91.0, 91.2, 91.1), seeds=(0, 1, 2), opt="psi-sgdm"):
+    rows = [dict(optimizer=o, seed=s, acc=v) for o, vals in ((opt, a), ("sgd", b)) for s, v in zip(seeds, vals)]
+    return pd.DataFrame(rows).assign(dataset="cifar10", model="resnet20", split="test", epochs=200, subset=np.nan,
+                                     setting=setting, lr=0.1)
+
+
+def test_compare_sets_each_setting_beside_its_own_table():
+    runs = pd.concat([_runs("table1"), _runs("table2"), _runs("tuned")], ignore_index=True)
+    t = study.compare(runs).set_index(["setting", "optimizer"])
+    assert t.loc[("table1", "psi-sgdm"), "paper_mean"] == 92.41 and t.loc[("tuned", "psi-sgdm"), "paper_table"] == \
+        "Table 1"
+    assert t.loc[("table2", "psi-sgdm"), "paper_mean"] == 92.70 and t.loc[("table2", "sgd"), "paper_mean"] == 92.35
+    assert t.loc[("table2", "psi-sgdm"), "diff"] == pytest.approx(92.4 - 92.70)
+    assert (t["count"] == 3).all()
+
+
+def test_paired_differences_pair_by_seed():
+    # a seed effect of several points common to both, a difference of about +1: pairing removes the former
+    base = np.array([80.0, 86.0, 83.0, 89.0, 84.0])
+    gain = np.array([1.1, 0.9, 1.2, 0.8, 1.0])
+    runs = _runs(a=base + gain, b=base, seeds=range(5))
+    p = study.paired(runs, "psi-sgdm")
+    ci = stats.ttest_rel(base + gain, base).confidence_interval(0.95)
+    assert p["n"] == 5 and p["diff"] == pytest.approx(1.0)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert 0.7 < p["ci_low"] and p["ci_high"] < 1.3  # an unpaired interval would span about +-4 points
+    assert p["mde"] == pytest.approx(study.min_detectable(gain.std(ddof=1), 5))
+    shuffled = _runs(a=base + gain, b=base[::-1], seeds=range(5))  # wrong pairs: the seed effect comes back
+    assert study.paired(shuffled, "psi-sgdm")["ci_low"] < 0
+    one_sided = runs[~((runs.optimizer == "sgd") & (runs.seed == 4))]  # a seed only one of them ran: left out
+    assert study.paired(one_sided, "psi-sgdm")["n"] == 4
+    with pytest.raises(ValueError, match="several runs"):
+        study.paired(pd.concat([runs, runs]), "psi-sgdm")
+    assert math.isnan(study.paired(runs[runs.seed == 0], "psi-sgdm")["ci_low"])
+
+
+def test_min_detectable_effect_has_the_power_it_claims():
+    n, sd, alpha = 5, 1.0, 0.05
+    mde = study.min_detectable(sd, n, alpha, 0.8)
+    rng = np.random.default_rng(0)
+    d = rng.normal(mde, sd, size=(40000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    assert np.mean(np.abs(t) > stats.t.ppf(1 - alpha / 2, n - 1)) == pytest.approx(0.8, abs=0.01)
+    assert study.min_detectable(sd, 400) == pytest.approx(2.80 * sd / 20, rel=0.02)  # the normal approximation
+    assert study.min_detectable(2 * sd, n) == pytest.approx(2 * mde)
+    assert math.isnan(study.min_detectable(sd, 1))
+
+
+@pytest.mark.parametrize("ci,paper,words", [
+    ((0.5, 1.5), 1.1, "better than SGD; the paper's +1.10 lies inside the interval: the paper's claim held"),
+    ((-0.3, 0.2), 1.1, "no difference from SGD detected; the paper's +1.10 lies above the interval: not confirmed"),
+    ((-0.3, 1.5), 1.1, "no difference from SGD detected; the paper's +1.10 lies inside the interval: inconclusive"),
+    ((-1.5, -0.5), 1.1, "worse than SGD; the paper's +1.10 lies above the interval: not confirmed"),
+    ((-0.3, 0.2), -0.2, "no difference from SGD detected; the paper's -0.20 lies inside the interval (the paper "
+                        "reports no gain"),
+    ((-0.3, 0.2), np.nan, "no difference from SGD detected (the paper has no number here)"),
+    ((np.nan, np.nan), 1.1, "too few pairs"),
+])
+def test_judge_says_not_confirmed_only_where_the_numbers_do(ci, paper, words):
+    assert study.judge({"ci_low": ci[0], "ci_high": ci[1], "n": 3}, paper).startswith(words)

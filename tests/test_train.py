@@ -119,7 +119,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_metrics(tmp_path):
-    r = _cli(*FAST, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e12", "--out", str(tmp_path))
+    r = _cli(*FAST, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e20", "--out", str(tmp_path))
     assert r.returncode == 1
     assert "loss became" in r.stderr and "Lower the learning rate" in r.stderr
     (d,) = list(tmp_path.iterdir())
