@@ -1,13 +1,19 @@
-"""Full-batch experiments on small problems (section 6.1, Figure 1), shared by the notebooks.
+"""The small problems of notebooks 01-03 and full-batch training on them.
 
-- :func:`toy_regression`: 1000 samples ``x ~ N(0, I_10)``, ``y = mu^T x + eps``, ``eps ~ N(0, 1)``.
-- :func:`train_full_batch`: a model trained on one batch by a named method (GD, PSI-GD, PSI-GDM,
-  GDG, Adam), recording the loss and the gradient norm of section 5 (in the normalized weights
-  ``V`` and the other parameters ``g``) at every step.
+- :func:`toy_regression`: section 6.1's data (main paper p. 7): 1000 samples ``x ~ N(0, I_10)``,
+  ``y = mu^T x + eps``, ``eps ~ N(0, 1)``. The paper does not say how ``mu`` is drawn; we draw
+  ``mu ~ N(0, I_10)``. ``noise`` scales ``eps`` (0: noise-free targets, a variant of notebook 03).
+- :func:`small_images`: scikit-learn's ``digits`` (no download) or MNIST, for Figure 1.
+- :func:`make_optimizer` and :data:`METHODS`: the methods of Figure 4's legend (GD, PSI-GD,
+  PSI-GDM, GDG, Adam) and the text's "SGD with momentum" (p. 8), here full batch: ``gdm``.
+- :func:`train_full_batch`: a model trained on the whole batch by one of them, recording at every
+  iterate the loss and the two gradient norms: the one of the theorems (section 5, in the
+  normalized weights ``V`` and the other parameters ``g``) and the plain Euclidean one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,74 +22,87 @@ from torch import Tensor, nn
 
 from . import manifold as M
 from .discovery import param_groups
+from .loop import train_steps
 from .optim import PSIGD
 from .sgdg import SGDG
 
-__all__ = ["toy_regression", "vg_grad_norm", "make_optimizer", "train_full_batch", "METHODS"]
+__all__ = ["METHODS", "LABELS", "toy_regression", "small_images", "vg_grad_norm", "euclid_grad_norm",
+           "make_optimizer", "train_full_batch"]
 
-METHODS = ("gd", "psi-gd", "psi-gdm", "gdg", "adam")
+METHODS = ("gd", "gdm", "psi-gd", "psi-gdm", "gdg", "adam")
+LABELS = {"gd": "GD", "gdm": "GD + momentum", "psi-gd": "PSI-GD", "psi-gdm": "PSI-GDM", "gdg": "GDG", "adam": "Adam"}
 
 
-def toy_regression(n: int = 1000, d: int = 10, seed: int = 0, dtype: torch.dtype = torch.float64):
-    """Section 6.1's data: ``x ~ N(0, I_d)``, ``y = mu^T x + eps`` with ``mu ~ N(0, I_d)``, ``eps ~ N(0, 1)``."""
+def toy_regression(n: int = 1000, d: int = 10, seed: int = 0, dtype: torch.dtype = torch.float64,
+                   noise: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``x ~ N(0, I_d)``, ``y = mu^T x + noise * eps`` with ``mu ~ N(0, I_d)``, ``eps ~ N(0, 1)``.
+
+    The draws do not depend on ``noise``: the noise-free targets are the same ``mu^T x``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     mu = torch.randn(d, generator=g, dtype=dtype)
-    return x, x @ mu + torch.randn(n, generator=g, dtype=dtype)
+    return x, x @ mu + noise * torch.randn(n, generator=g, dtype=dtype)
 
 
-def vg_grad_norm(model: nn.Module, groups: list[dict]) -> float:
-    """``||grad_{V,g} L||``: for a scale-invariant weight the gradient in ``v = w/||w||`` is
-    ``||w(i)|| G(i)`` per neuron (the Riemannian gradient's length under metric (6)); for the
-    other parameters, the plain gradient."""
+def vg_grad_norm(groups: list[dict]) -> float:
+    """``||grad_{V,g} L||`` (section 5): for a scale-invariant weight the gradient in ``v = w/||w||``
+    is ``||w(i)|| G(i)`` per neuron (the Riemannian gradient's length under metric (6)); for the
+    other parameters, the plain gradient. Read it where ``.grad`` belongs to the current weights."""
     total = 0.0
     for grp in groups:
         for p in grp["params"]:
             if p.grad is None:
                 continue
-            if grp["psi"]:
-                total += float(M.inner(p.detach(), M.egrad2rgrad(p.detach(), p.grad), M.egrad2rgrad(p.detach(), p.grad)))
+            if grp.get("psi"):
+                total += float((M.sqnorms(p.detach()) * M.sqnorms(p.grad)).sum())
             else:
                 total += float(p.grad.square().sum())
     return total**0.5
 
 
-def make_optimizer(method: str, model: nn.Module, example: Tensor, lr: float, rest_lr: float | None = None,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """The scale-invariant weights take ``method``; the rest plain GD with ``rest_lr`` (default ``lr``)."""
-    groups = param_groups(model, example)
-    psi_groups, rest = groups[:-1], dict(groups[-1], lr=lr if rest_lr is None else rest_lr)
+def euclid_grad_norm(model: nn.Module) -> float:
+    """The plain Euclidean norm of every parameter's gradient (what a training log usually shows)."""
+    return sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+
+
+def make_optimizer(method: str, groups: list[dict], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``method`` on ``groups`` from :func:`psi.param_groups`: the scale-invariant weights take it, the
+    rest plain GD (``gd``, ``psi-gd``, ``gdg``), GD with momentum (``gdm``, ``psi-gdm``) or Adam."""
     if method == "gd":
         return torch.optim.SGD(groups, lr=lr)
+    if method == "gdm":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if method in ("psi-gd", "psi-gdm"):
-        return PSIGD(psi_groups + [rest], lr=lr, momentum=momentum if method == "psi-gdm" else 0.0)
+        return PSIGD(groups, lr=lr, momentum=momentum if method == "psi-gdm" else 0.0)
     if method == "gdg":
-        return SGDG(psi_groups + [rest], lr=lr, momentum=momentum, grad_clip=None, rest_momentum=0.0)
+        return SGDG(groups, lr=lr, momentum=momentum, grad_clip=None, rest_momentum=0.0)
     if method == "adam":
         return torch.optim.Adam(groups, lr=lr)
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
 def train_full_batch(model: nn.Module, method: str, x: Tensor, y: Tensor, steps: int, lr: float,
-                     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss, **kw) -> dict[str, list[float]]:
-    """Train on the whole batch; return per-step ``loss`` and ``grad_norm`` (before each step)."""
-    opt = make_optimizer(method, model, x, lr, **kw)
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
+                     momentum: float = 0.9) -> dict[str, list[float]]:
+    """Train on the whole batch; per iterate (before each step) ``loss``, ``grad_norm``
+    (:func:`vg_grad_norm`) and ``egrad_norm`` (:func:`euclid_grad_norm`). A diverged run stops
+    early: its lists are shorter than ``steps``."""
     groups = param_groups(model, x)
-    hist: dict[str, list[float]] = {"loss": [], "grad_norm": []}
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        hist["loss"].append(float(loss.detach()))
-        hist["grad_norm"].append(vg_grad_norm(model, groups))
-        if not torch.isfinite(loss):
-            break
-        opt.step()
+    opt = make_optimizer(method, groups, lr, momentum)
+    hist: dict[str, list[float]] = {"loss": [], "grad_norm": [], "egrad_norm": []}
+
+    def record(loss: Tensor) -> None:
+        hist["loss"].append(float(loss))
+        hist["grad_norm"].append(vg_grad_norm(groups))
+        hist["egrad_norm"].append(euclid_grad_norm(model))
+
+    for _ in train_steps(model, opt, x, y, steps, None, loss_fn, before_step=record):
+        pass
+    if hist["loss"] and not math.isfinite(hist["loss"][-1]):
+        for v in hist.values():
+            v.pop()
     return hist
 
-
-# -- Figure 1: a two-layer BN classifier from an unbalanced start ----------------------------
 
 def small_images(name: str = "digits", data_dir: str | None = None) -> tuple[Tensor, Tensor]:
     """Standardized flat images and labels: scikit-learn's ``digits`` (8x8, 1797 images, shipped
@@ -121,35 +140,3 @@ def small_images(name: str = "digits", data_dir: str | None = None) -> tuple[Ten
     xt = torch.from_numpy(x)
     xt = (xt - xt.mean(0)) / (xt.std(0) + 1e-6)
     return xt, torch.as_tensor(np.asarray(y), dtype=torch.long)
-
-
-def unbalanced_mlp(d_in: int, hidden: int, classes: int, scales: tuple[float, ...], seed: int = 0) -> nn.Module:
-    """Linear-BN-ReLU-Linear with the hidden neurons split into ``len(scales)`` equal groups,
-    group ``k`` multiplied by ``scales[k]`` (Figure 1: ``T_a(W)`` with ``a = (1e4, 1e4, 1e-4, 1e-4)``)."""
-    from .models import BNMLP
-
-    torch.manual_seed(seed)
-    model = BNMLP(d_in, [hidden], classes)
-    a = torch.tensor(scales, dtype=torch.float32).repeat_interleave(hidden // len(scales))
-    with torch.no_grad():
-        model.net[1].weight.copy_(M.rescale(model.net[1].weight, a))
-    return model
-
-
-def train_minibatch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
-                    batch_size: int = 64, seed: int = 0) -> list[float]:
-    """Minibatch training; the loss on the whole training set (train mode) after every epoch."""
-    g = torch.Generator().manual_seed(seed)
-    history = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        model.train()
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            history.append(float(F.cross_entropy(model(x), y)))
-    return history

@@ -1,0 +1,180 @@
+"""The symmetry and what it does to training (notebook 01): invariance, eq. 5, Theorem 1, BN's eps, Figure 1.
+
+Each function measures one claim of section 3-4 of the paper on a small BN network, with the
+scale-invariant layer named by its module path (``"net.1"`` in :class:`psi.models.BNMLP`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import manifold as M
+from .loop import steps_per_epoch, train_steps
+from .models import BNMLP
+
+__all__ = ["set_bn_eps", "rescaled", "invariance_gap", "gradient_ratio", "drift", "eps_sweep", "eps_threshold",
+           "READINGS", "figure1_model", "epoch_losses", "findings", "figure1_findings"]
+
+
+def set_bn_eps(model: nn.Module, eps: float) -> nn.Module:
+    """Every BatchNorm of ``model`` with this ``eps`` (1e-30: the exact symmetry; 1e-5: torch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = eps
+    return model
+
+
+def rescaled(model: nn.Module, layer: str, a: Tensor) -> nn.Module:
+    """A copy of ``model`` at ``T_a(W)``: neuron ``i`` of ``layer``'s weight multiplied by ``a[i]``."""
+    twin = copy.deepcopy(model)
+    w = twin.get_submodule(layer).weight
+    with torch.no_grad():
+        w.copy_(M.rescale(w, a.to(w.dtype)))
+    return twin
+
+
+def invariance_gap(model: nn.Module, twin: nn.Module, x: Tensor, y: Tensor,
+                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> dict[str, float]:
+    """How far apart two networks' outputs and losses are on ``x`` (train mode, batch statistics)."""
+    with torch.no_grad():
+        out, out_t = model.train()(x), twin.train()(x)
+        return {"gap": float((out - out_t).abs().max()), "out_max": float(out.abs().max()),
+                "loss": float(loss_fn(out, y)), "loss_twin": float(loss_fn(out_t, y))}
+
+
+def gradient_ratio(model: nn.Module, twin: nn.Module, layer: str, x: Tensor, y: Tensor,
+                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
+    """Per neuron of ``layer``: ``||grad at the twin|| / ||grad at the model||`` (eq. 5: ``1/a(i)``)."""
+    norms = []
+    for m in (model, twin):
+        m.zero_grad()
+        loss_fn(m.train()(x), y).backward()
+        norms.append(m.get_submodule(layer).weight.grad.flatten(1).norm(dim=1))
+    return (norms[1] / norms[0]).detach()
+
+
+def drift(model: nn.Module, twin: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer], layer: str,
+          x: Tensor, y: Tensor, steps: int, batch_size: int = 64, seed: int = 0,
+          loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> list[float]:
+    """Train both on the same batches; after each step the geodesic distance between the classes of
+    their ``layer`` weights (:func:`psi.manifold.dist`, radians). Theorem 1: 0 for PSI-SGD."""
+    runs = [train_steps(m, make_opt(m), x, y, steps, batch_size, loss_fn, seed=seed) for m in (model, twin)]
+    wa, wb = model.get_submodule(layer).weight, twin.get_submodule(layer).weight
+    return [float(M.dist(wa.detach(), wb.detach())) for _ in zip(*runs)]
+
+
+def eps_sweep(model: nn.Module, layer: str, x: Tensor, y: Tensor, factors: Sequence[float],
+              loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> pd.DataFrame:
+    """The relative change of the loss when the whole ``layer`` is multiplied by each factor ``s``
+    (with BN's own ``eps``): 0 where the symmetry holds."""
+    base = invariance_gap(model, model, x, y, loss_fn)["loss"]
+    rows = []
+    for s in factors:
+        twin = rescaled(model, layer, torch.full((model.get_submodule(layer).weight.shape[0],), float(s)))
+        rows.append({"s": float(s), "relative change of the loss":
+                     abs(invariance_gap(model, twin, x, y, loss_fn)["loss_twin"] - base) / base})
+    return pd.DataFrame(rows)
+
+
+def eps_threshold(model: nn.Module, layer: str, x: Tensor, eps: float = 1e-5) -> tuple[float, float]:
+    """``(median pre-activation std of layer's neurons on x, s*)``: scaling the layer by ``s*`` brings
+    that variance down to ``eps``, where BN's ``sqrt(var + eps)`` stops following the scale."""
+    with torch.no_grad():
+        std = float((x @ model.get_submodule(layer).weight.T).std(0).median())
+    return std, float(np.sqrt(eps) / std)
+
+
+# Figure 1 (main paper p. 2; text p. 3): "a simple two-layer neural network with BN on MNIST" from T_a(W),
+# a = (1e4, 1e4, 1e-4, 1e-4). How the four factors map onto the network is not stated; three readings:
+READINGS = {
+    "A": "hidden neurons in four groups x (1e4, 1e4, 1e-4, 1e-4)",
+    "B": "every hidden neuron x 1e4",
+    "C": "the drawing: first layer x 1e4, second layer (BN after it) x 1e-4",
+    "D": "the drawing with BN eps 1e-30: exactly scale-invariant",
+}
+
+
+def figure1_model(reading: str, d_in: int, hidden: int, classes: int, seed: int = 0) -> nn.Module:
+    """The network of a Figure 1 reading. A and B: Linear-BN-ReLU-Linear (:class:`BNMLP`) with the
+    hidden layer rescaled. C: the drawing (p. 2), where all four neurons of a two-layer network are
+    rescaled, the hidden ones by 1e4 and the output ones by 1e-4; the output neurons are
+    scale-invariant only with a BN after them, so C is Linear-BN-ReLU-Linear-BN. D is C with BN's eps
+    at 1e-30: at 1e-5 the 1e-4 output neurons are far from invariant (their variance is under eps)."""
+    torch.manual_seed(seed)
+    if reading in ("A", "B"):
+        model = BNMLP(d_in, [hidden], classes)
+        scales = (1e4, 1e4, 1e-4, 1e-4) if reading == "A" else (1e4,) * 4
+        a = torch.tensor(scales).repeat_interleave(-(-hidden // 4))[:hidden]
+        with torch.no_grad():
+            model.net[1].weight.copy_(M.rescale(model.net[1].weight, a))
+        return model
+    if reading in ("C", "D"):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                              nn.Linear(hidden, classes, bias=False), nn.BatchNorm1d(classes))
+        with torch.no_grad():
+            model[1].weight.mul_(1e4)
+            model[4].weight.mul_(1e-4)
+        return set_bn_eps(model, 1e-30) if reading == "D" else model
+    raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+
+
+def epoch_losses(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
+                 batch_size: int = 64, seed: int = 0) -> list[float]:
+    """Minibatch training; the cross-entropy on the whole training set (train mode) after every epoch."""
+    out = []
+    for step in train_steps(model, opt, x, y, epochs * steps_per_epoch(len(x), batch_size), batch_size, seed=seed):
+        if step.epoch_end:
+            with torch.no_grad():
+                out.append(float(F.cross_entropy(model(x), y)))
+    return out
+
+
+def findings(gap: dict[float, dict[str, float]], slope: float, dist: dict[str, list[float]], s_star: float,
+             sweep: pd.DataFrame) -> list[str]:
+    """Notebook 01's sections 1-4 as sentences computed from the numbers, each with the test it passed or
+    failed: ``gap`` (:func:`invariance_gap` per BN eps, 1e-30 and 1e-5), ``slope`` (eq. 5's log-log fit),
+    ``dist`` (:func:`drift` of ``"SGD"`` and ``"PSI-SGD"``), ``s_star`` (:func:`eps_threshold`) and
+    ``sweep`` (:func:`eps_sweep`)."""
+    exact = gap[1e-30]["gap"] <= 1e-9 * gap[1e-30]["out_max"]
+    held = max(dist["PSI-SGD"]) < 1e-6
+    change = sweep.set_index("s")["relative change of the loss"]
+    above = float(change[change.index >= 10 * s_star].max())
+    at_1e4 = float(np.interp(-4, np.log10(change.index), change.values))
+    return [
+        f"Invariance: rescaling neurons by factors across 4 orders of magnitude moved the outputs by "
+        f"{gap[1e-30]['gap']:.1e} with eps = 1e-30 ({'rounding: it holds' if exact else 'more than rounding'}) and by "
+        f"{gap[1e-5]['gap']:.1e} with the default eps = 1e-5.",
+        f"Eq. (5): the gradient ratio against a(i) has slope {slope:.4f} on log-log axes (theory -1): it "
+        f"{'holds' if abs(slope + 1) < 1e-3 else 'does not hold'}.",
+        f"Theorem 1: after {len(dist['SGD'])} steps SGD's two copies are {dist['SGD'][-1]:.3f} rad apart on the PSI "
+        f"manifold, PSI-SGD's at most {max(dist['PSI-SGD']):.1e} rad over the run: the theorem "
+        + ("held." if held else "FAILED."),
+        f"With eps = 1e-5 the loss moves by at most {above:.1e} (relative) for scales above 10 s* = {10 * s_star:.0e}, and "
+        f"by {at_1e4:.1e} at Figure 1's 1e-4, which sits {'below' if 1e-4 < s_star else 'above'} s* = {s_star:.0e}.",
+    ]
+
+
+def figure1_findings(final: pd.DataFrame, classes: int) -> list[str]:
+    """One sentence per reading from the final training losses (``final``: index ``(reading, lr)``,
+    columns ``SGD`` and ``PSI-SGD``). The paper's picture (p. 2) is SGD flat at chance, ``ln(classes)``,
+    while PSI-SGD trains: here, SGD's best rate ends above 90% of chance and PSI-SGD's best under 10%."""
+    chance = float(np.log(classes))
+    out = []
+    for reading, df in final.groupby(level=0, sort=False):
+        best = {o: (float(df[o].min()), df[o].idxmin()[1]) for o in ("SGD", "PSI-SGD")}
+        span = {o: f"{df[o].min():.3g} to {df[o].max():.3g} (best at lr {best[o][1]:g})" for o in best}
+        sgd_stalls, psi_trains = best["SGD"][0] > 0.9 * chance, best["PSI-SGD"][0] < 0.1 * chance
+        lower = "PSI-SGD" if best["PSI-SGD"][0] < best["SGD"][0] else "SGD"
+        out.append(f"Figure 1, reading {reading} ({READINGS.get(reading, reading)}): final loss over the rates SGD "
+                   f"{span['SGD']}, PSI-SGD {span['PSI-SGD']}; chance {chance:.3f}. SGD "
+                   f"{'stalls' if sgd_stalls else 'trains'} at its best rate, PSI-SGD "
+                   f"{'trains' if psi_trains else 'does not get under 10% of chance'}, {lower}'s best is lower: "
+                   f"{'the paper' if sgd_stalls and psi_trains else 'not the paper'}'s picture.")
+    return out
