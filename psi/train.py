@@ -363,7 +363,8 @@ def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, di
     for tensors in layers.values():
         w = tensors[0].detach()
         sq = w.reshape(w.shape[0], -1).square().sum(1).double()
-        rows.append(torch.stack([sq.sqrt().mean(), sq.sqrt().min(), sq.sqrt().max(), sq.reciprocal().mean()]))
+        norms = sq.sqrt()
+        rows.append(torch.stack([norms.mean(), norms.min(), norms.max(), sq.reciprocal().mean()]))
     values = torch.stack(rows).tolist()
     out = {}
     for (name, tensors), (mean, lo, hi, inv_sq) in zip(layers.items(), values, strict=True):
@@ -456,6 +457,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
         start = _restore(_load_checkpoint(ckpt_path), model, opt, scaler, device, ckpt_path)
+        for g in opt.param_groups:  # a compiled run saved a tensor lr; an eager step would read it each step
+            g["lr"] = float(g["lr"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # keep exactly the epochs the checkpoint holds
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []

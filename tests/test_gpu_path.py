@@ -77,6 +77,18 @@ def test_backend_follows_the_run_device_not_the_machine(monkeypatch):
     assert train.backend_for(torch.device("cuda", 1)) == "nccl"
 
 
+def test_a_cuda_process_pins_its_gpu_and_hands_it_to_nccl(monkeypatch):
+    """torch.cuda.set_device and init_process_group(device_id=...) for a CUDA run (patched: no GPU here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.append((backend, kw.get("device_id"))))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gpu = torch.device("cuda", 1)
+    train._init_distributed(gpu)
+    assert calls == [("set_device", gpu), ("nccl", gpu)]
+
+
 def test_cuda_under_torchrun_takes_the_local_rank(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -210,6 +222,24 @@ def test_bf16_autocast_and_channels_last_really_run(tmp_path, ds, monkeypatch):
     train.run(_cfg(tmp_path, epochs=1, amp="bf16", channels_last=True), ds)
     training = [s for s in seen if s[2]]
     assert training and all(s[:2] == (torch.bfloat16, True) for s in training)
+
+
+def test_an_eager_resume_of_a_compiled_run_steps_with_a_float_lr(tmp_path, ds, monkeypatch):
+    """A compiled run checkpoints its tensor learning rate; resumed without --compile, an eager
+    torch SGD step would read that tensor on the host at every step (alpha=-lr)."""
+    cfg = _cfg(tmp_path, epochs=2, optimizer="sgd")
+    _run_cut(cfg, ds, 1, monkeypatch)
+    path = cfg.run_dir() / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    for g in ck["optimizer"]["param_groups"]:
+        g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)  # as a compiled run saves it
+    torch.save(ck, path)
+    lrs = []
+    real = train._psi_layer_stats
+    monkeypatch.setattr(train, "_psi_layer_stats", lambda opt, name: lrs.extend(g["lr"] for g in opt.param_groups)
+                        or real(opt, name))
+    train.run(cfg, ds)
+    assert lrs and all(type(lr) is float for lr in lrs)
 
 
 # -- host syncs ------------------------------------------------------------------------------
