@@ -99,15 +99,15 @@ nb_train=() grid_train=()
 [ -n "$no_channels_last" ] && { nb_train+=(-p channels_last False); grid_train+=(--no-channels-last); }
 [ -n "$deterministic" ] && { nb_train+=(-p deterministic True); grid_train+=(--deterministic); }
 
-params_for() {  # the per-notebook, per-profile parameters
-  local nb="$1" fig="$out/figures/${1%.ipynb}$tag"
+params_for() {  # the per-notebook, per-profile parameters (notebook 04: for dataset $2, its name suffix $3)
+  local nb="$1" fig="$out/figures/${1%.ipynb}$3$tag"
   local -a p=(-p figures_dir "$fig")
   [ -n "$threads" ] && p+=(-p threads "$threads")
   case "$nb" in
     01_*) [ "$profile" = smoke ] && p+=(-p drift_steps 50 -p fig1_epochs 5) ;;
     02_*) [ "$profile" = smoke ] && p+=(-p steps 60) ;;
     03_*) [ "$profile" = smoke ] && p+=(-p epochs 40 -y "{lr_grid: [0.03, 0.1], rate_T: [10, 20, 40], rate_seeds: 1}") ;;
-    04_*) p+=(-p profile "$profile" -p device "$device" -p runs_dir "$out/runs" -p shard "$shard" "${nb_train[@]}")
+    04_*) p+=(-p profile "$profile" -p dataset "$2" -p device "$device" -p runs_dir "$out/runs" -p shard "$shard" "${nb_train[@]}")
           [ -n "$data_dir" ] && p+=(-p data_dir "$data_dir") ;;
     05_*) p=(-p figures_dir "$fig" -p runs_dir "$out/runs")
           [ -n "$reference" ] && p+=(-p reference_dir "$reference") ;;
@@ -116,27 +116,38 @@ params_for() {  # the per-notebook, per-profile parameters
 }
 
 notebooks=(notebooks/[0-9][0-9]_*.ipynb)
+# notebook 04 runs once per dataset of the profile (paper: CIFAR-10 and CIFAR-100, Tables 1 and 2)
+read -r -a datasets < <("$py" -c "from psi.notebook import PROFILE_DATASETS; print(*PROFILE_DATASETS['$profile'])")
 n=${#notebooks[@]} i=0
 echo "psi run_all: profile $profile, device $device, results in $out${tag:+, shard $shard}"
 if [ -n "$gpus$runs_per_gpu$workers$dry_run" ] && { [ -z "$only" ] || [[ "04_cifar" == "$only"* ]]; }; then
-  grid=("$py" -m psi.grid run --profile "$profile" --out "$out" --device "$device" --shard "$shard" "${grid_train[@]}")
-  [ -n "$gpus" ] && grid+=(--gpus "$gpus")
-  [ -n "$runs_per_gpu" ] && grid+=(--runs-per-gpu "$runs_per_gpu")
-  [ -n "$workers" ] && grid+=(--workers "$workers")
-  [ -n "$threads" ] && grid+=(--threads "$threads")
-  [ -n "$data_dir" ] && grid+=(--data-dir "$data_dir")
-  [ -n "$dry_run" ] && { "${grid[@]}" --dry-run; exit $?; }
-  echo "CIFAR runs: ${grid[*]}"
-  "${grid[@]}" || { echo "run_all.sh: the CIFAR runs failed (python -m psi.grid, above); fix and re-run: finished runs are reused" >&2; exit 1; }
+  for d in "${datasets[@]}"; do
+    grid=("$py" -m psi.grid run --profile "$profile" --set "dataset=$d" --out "$out" --device "$device" --shard "$shard"
+          "${grid_train[@]}")
+    [ -n "$gpus" ] && grid+=(--gpus "$gpus")
+    [ -n "$runs_per_gpu" ] && grid+=(--runs-per-gpu "$runs_per_gpu")
+    [ -n "$workers" ] && grid+=(--workers "$workers")
+    [ -n "$threads" ] && grid+=(--threads "$threads")
+    [ -n "$data_dir" ] && grid+=(--data-dir "$data_dir")
+    if [ -n "$dry_run" ]; then "${grid[@]}" --dry-run || exit $?; continue; fi
+    echo "CIFAR runs: ${grid[*]}"
+    "${grid[@]}" || { echo "run_all.sh: the CIFAR runs failed (python -m psi.grid, above); fix and re-run: finished runs are reused" >&2; exit 1; }
+  done
+  [ -n "$dry_run" ] && exit 0
 fi
 for nb in "${notebooks[@]}"; do
   i=$((i + 1))
   name="$(basename "$nb")"
   [ -n "$only" ] && [[ "$name" != "$only"* ]] && continue
-  mapfile -t params < <(params_for "$name")
+  runs_of=("${datasets[0]}")
+  [[ "$name" == 04_* ]] && runs_of=("${datasets[@]}")
+  for d in "${runs_of[@]}"; do
+  suffix=""
+  [[ "$name" == 04_* ]] && [ "${#datasets[@]}" -gt 1 ] && suffix=".$d"
+  mapfile -t params < <(params_for "$name" "$d" "$suffix")
   start=$(date +%s)
-  printf '[%d/%d] %-22s ' "$i" "$n" "${name%.ipynb}"
-  executed="$out/executed/${name%.ipynb}$tag.ipynb"
+  printf '[%d/%d] %-22s ' "$i" "$n" "${name%.ipynb}$suffix"
+  executed="$out/executed/${name%.ipynb}$suffix$tag.ipynb"
   log="${executed%.ipynb}.log"
   if "$py" -m papermill "$nb" "$executed" -k "$kernel" --cwd notebooks "${params[@]}" >"$log" 2>&1; then
     echo "ok ($(( $(date +%s) - start )) s)"
@@ -148,6 +159,7 @@ for nb in "${notebooks[@]}"; do
     echo "  full log: $log; fix it and re-run: finished runs are reused" >&2
     exit 1
   fi
+  done
 done
 if [ -n "$reference" ]; then  # the figures (PNG) of every notebook, beside notebook 05's tables
   for d in "$out"/figures/*/; do

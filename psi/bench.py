@@ -2,6 +2,7 @@
 
     python -m psi.bench optimizer [--models resnet56 resnet18] [--steps 50] [--device cpu] [--no-compile]
     python -m psi.bench ops       [--models resnet56 resnet20]   (default resnet56)
+    python -m psi.bench epoch     [--models resnet56] [--images 384] [--rounds 5] [--threads 2]
     python -m psi.bench engine    (see psi.train_bench)
 
 ``optimizer``: the cost of one ``step()`` on a network's parameters, gradients set at random
@@ -18,6 +19,12 @@ syncs, and an estimate of the GPU kernels (:class:`StepCounter`: views launch no
 foreach op whose operands broadcast takes CUDA's slow path, a kernel per tensor), which is what
 bounds these small networks on a GPU. Counted on the CPU, on the paths a GPU takes
 (``build_optimizer`` asks torch for foreach on every device).
+
+``epoch``: section 6.2's timing remark (p. 1135: seconds per CIFAR-10 epoch of ResNet-56 on one
+V100, SGD 16.98, Adam 18.1, SGDG 26.6, PSI-SGD 18.2, PSI-SGDM 18.5) on this machine: whole
+training steps (forward, backward, ``step``) of every optimizer of the paper at ``table1``,
+each on its own copy of one initial network, over the same few hundred images in batches of
+128, interleaved rounds; the median time per image as a ratio to SGD's, beside the paper's ratio.
 """
 
 from __future__ import annotations
@@ -94,6 +101,56 @@ def bench_optimizer(model_name: str, steps: int, rounds: int, device: torch.devi
             _sync(device)
             times[name].append((time.perf_counter() - t) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_epoch(model_name: str, images: int, rounds: int, device: torch.device,
+                optimizers: tuple[str, ...] = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm")) -> dict[str, float]:
+    """Median seconds per training image (a whole step: forward, backward, ``step``) of each of
+    ``optimizers`` on ``model_name`` at batch 128, over ``images`` random CIFAR-sized images."""
+    import copy
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (images,), generator=g).to(device)
+    torch.manual_seed(0)
+    model0 = build_model(model_name).to(device)
+    runs = {}
+    for name in optimizers:
+        model = copy.deepcopy(model0)
+        runs[name] = (model, build_optimizer(name, model, x[:16], "table1"))
+
+    def epoch(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        for xb, yb in zip(x.split(128), y.split(128), strict=True):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    for model, opt in runs.values():  # warm-up: allocations, the optimizers' buffers
+        epoch(model, opt)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, (model, opt) in runs.items():
+            _sync(device)
+            t = time.perf_counter()
+            epoch(model, opt)
+            _sync(device)
+            times[name].append((time.perf_counter() - t) / images)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def print_epoch(models: list[str], images: int, rounds: int, device: torch.device) -> None:
+    from psi.study import PAPER_EPOCH_SECONDS
+
+    for name in models:
+        res = bench_epoch(name, images, rounds, device)
+        print(f"\n{name}: {images} images per round, batch 128, median of {rounds} interleaved rounds")
+        print(f"  {'optimizer':<10} {'ms/image':>9} {'/ SGD':>7} {'paper / SGD (ResNet-56, V100)':>30}")
+        for k, v in res.items():
+            paper = PAPER_EPOCH_SECONDS[k] / PAPER_EPOCH_SECONDS["sgd"]
+            print(f"  {k:<10} {v * 1e3:9.2f} {v / res['sgd']:7.3f} {paper:30.3f}")
 
 
 class StepCounter(OpCounter):
@@ -202,13 +259,14 @@ def print_ops(models: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m psi.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["optimizer", "ops", "engine"])
+    ap.add_argument("what", choices=["optimizer", "ops", "epoch", "engine"])
     ap.add_argument("--models", nargs="+", default=None, help="default: resnet56 resnet18 (optimizer), resnet56 (ops)")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, help="timed rounds (default: 15; epoch: 5)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    ap.add_argument("--images", type=int, default=384, help="epoch: images per timed round (batches of 128)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["engine"]:  # its own options (--models, --device, ... mean other things there)
         from psi.train_bench import main as engine_main
@@ -219,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "ops":
         return print_ops(args.models or ["resnet56"])
     device = torch.device(args.device)
+    if args.what == "epoch":
+        print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
+        return print_epoch(args.models or ["resnet56"], args.images, args.rounds or 5, device)
+    args.rounds = args.rounds or 15
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s); "
           f"median of {args.rounds} rounds x {args.steps} steps")
     for name in args.models or ["resnet56", "resnet18"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,9 +28,13 @@ from torch import Tensor, nn
 from .models import ToyNet
 from .toy import LABELS, METHODS, toy_regression, train_full_batch
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["PAPER_FIGURE4", "FIGURE4_EPOCHS", "GEOMETRIC_SLOPE", "Setup", "AS_STATED", "VARIANTS", "toy_model", "fall",
            "noise_floor", "neighbours", "best_run", "sweep", "compare_with_paper", "findings", "linear_control",
-           "plot_curves", "plot_readings", "plot_slopes", "paper_segments"]
+           "initial_scale_runs", "plot_curves", "plot_readings", "plot_slopes", "paper_segments", "plot_figure4",
+           "plot_loss_vs_noise_floor", "plot_readings_slopes", "plot_initial_scale"]
 
 # Read off Figure 4 (main paper p. 7) by the pixels of its curves: log10 gradient norm; slope in decades per
 # 100 epochs of a straight line fitted over epochs 100-200. All five curves start together near 10^2.6.
@@ -277,3 +282,68 @@ def plot_slopes(table: pd.DataFrame, ax) -> None:
     ax.invert_yaxis()
     ax.set(xlabel="slope of log10 gradient norm over the second half (decades per 100 epochs)")
 
+
+
+def initial_scale_runs(x: Tensor, y: Tensor, scales: Sequence[float], epochs: int, lrs: Mapping[str, float],
+                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Theorem 1 on the toy regression: GD and PSI-GD, each at its rate of ``lrs``, from the as-stated
+    network with ``W2`` multiplied by each of ``scales``. Returns the loss curves (``method``, ``scale``
+    as ``"x s"``, ``epoch``, ``loss``) and one row per run: ``final loss`` and the :func:`fall` of the
+    gradient norm."""
+    rows, falls = [], []
+    for method in ("gd", "psi-gd"):
+        for s in scales:
+            h = train_full_batch(toy_model(Setup("scaled", hidden_scale=s), seed), method, x, y, epochs, lrs[method])
+            rows += [{"method": LABELS[method], "scale": f"x {s:g}", "epoch": e, "loss": v} for e, v in enumerate(h["loss"])]
+            falls.append({"method": LABELS[method], "scale": s, "final loss": h["loss"][-1], **fall(h["grad_norm"])})
+    return pd.DataFrame(rows), pd.DataFrame(falls)
+
+
+# -- the notebook's figures (each returns its matplotlib Figure; the notebook saves it) ----------------
+
+def plot_figure4(curves: pd.DataFrame) -> Figure:
+    """Figure 4 as stated: left, the gradient norm of the theorems per method (:func:`sweep` curves) with
+    the figure's own curves dashed (:func:`paper_segments`), to compare start, end and slope; right, the
+    same runs with the Euclidean gradient norm, to show how much the choice of norm changes the picture."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    plot_curves(curves, axes[0], paper=True, title="Gradient norm of the theorems (dashed: the figure)")
+    plot_curves(curves, axes[1], value="egrad_norm", title="The same runs, Euclidean gradient norm")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def plot_loss_vs_noise_floor(curves: pd.DataFrame, floor: float) -> Figure:
+    """The training loss of the :func:`sweep` curves beside the :func:`noise_floor` (dotted): under it a
+    run fits the noise of its targets, the phase in which the gradient norms stall."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_curves(curves, ax, value="loss", title="Training loss (MSE) of the runs of section 1")
+    ax.axhline(floor, color="k", ls=":", label=f"linear least squares on the same data: {floor:.3f}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_readings_slopes(readings: pd.DataFrame, control: Mapping[str, float]) -> Figure:
+    """:func:`plot_slopes` of every reading plus a last row for the :func:`linear_control` (GD on linear
+    least squares): which readings, if any, fall as steeply as the figure, next to a fall the measure must see."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    plot_slopes(pd.concat([readings, pd.DataFrame([{"setup": "control: GD, linear least squares", "method": "gd",
+                                                    **control}])], ignore_index=True), ax)
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def plot_initial_scale(curves: pd.DataFrame) -> Figure:
+    """The loss curves of :func:`initial_scale_runs`, one panel per method, one color per initial scale
+    (log scale): GD's curve moves with the scale, PSI-GD's should not (Theorem 1)."""
+    import seaborn as sns
+
+    g = sns.relplot(curves, x="epoch", y="loss", hue="scale", col="method", kind="line", palette="viridis",
+                    height=3.6, aspect=1.2)
+    g.set(yscale="log")
+    return g.figure

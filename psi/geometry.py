@@ -8,6 +8,7 @@ batches; each is read per neuron of one scale-invariant layer named by its modul
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,9 +18,15 @@ from torch import Tensor, nn
 
 from . import manifold as M
 from .loop import train_steps
+from .models import BNMLP
+from .symmetry import set_bn_eps
 
-__all__ = ["retraction_gaps", "curve_lengths", "track_neurons", "neuron_path", "arc_length", "sphere_net", "findings",
-           "plot_sphere_paths"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["retraction_gaps", "curve_lengths", "track_neurons", "neuron_path", "arc_length", "sphere_net", "bn_net",
+           "layer_gradient", "findings", "plot_sphere_paths", "plot_retraction_vs_expmap", "plot_lemma1",
+           "plot_effective_lr", "plot_neuron_path"]
 
 
 def retraction_gaps(W: Tensor, X: Tensor, ts: Sequence[float]) -> list[float]:
@@ -155,3 +162,78 @@ def plot_sphere_paths(ax, paths: dict[str, np.ndarray]) -> None:
         ax.scatter(*p[-1], color=f"C{k}", s=30)
     ax.scatter(*next(iter(paths.values()))[0], color="k", s=40, label="start")
     ax.legend()
+
+
+def bn_net(d_in: int = 64, hidden: int = 32, classes: int = 10, seed: int = 0, eps: float | None = None) -> nn.Module:
+    """The float64 Linear-BN-ReLU-Linear network of notebook 02 (:class:`psi.models.BNMLP`, its BN layer
+    ``"net.1"``), initialized after ``torch.manual_seed(seed)``; ``eps``: BN's eps (None: torch's default)."""
+    torch.manual_seed(seed)
+    net = BNMLP(d_in, [hidden], classes).double()
+    return net if eps is None else set_bn_eps(net, eps)
+
+
+def layer_gradient(model: nn.Module, layer: str, x: Tensor, y: Tensor,
+                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> tuple[Tensor, Tensor]:
+    """``(W, G)``: the weight of ``layer`` (detached) and the gradient ``G`` of the loss on ``x`` in it."""
+    w = model.get_submodule(layer).weight
+    (g,) = torch.autograd.grad(loss_fn(model(x), y), w)
+    return w.detach(), g
+
+
+# -- the notebook's figures (each returns its matplotlib Figure; the notebook saves it) ----------------
+
+def plot_retraction_vs_expmap(ts: Sequence[float], gaps: Sequence[float]) -> Figure:
+    """How far the retraction (eq. 8) lands from the exponential map against the step length ``t``
+    (:func:`retraction_gaps`, log-log), beside ``t^3/3``: a third-order gap means they agree to second order."""
+    import matplotlib.pyplot as plt
+
+    ts = np.asarray(ts)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.loglog(ts, gaps, "o-", label="dist(retr, expmap)")
+    ax.loglog(ts, ts**3 / 3, "k--", label="$t^3/3$")
+    ax.set(xlabel="step length t (metric units)", ylabel="distance between the classes",
+           title="Retraction vs exponential map")
+    ax.legend()
+    return fig
+
+
+def plot_lemma1(sgd: pd.DataFrame) -> Figure:
+    """Lemma 1 under SGD, from :func:`track_neurons` with ``measured`` and ``predicted`` increments of
+    ``||w(i)||^2``: left, the mean squared norm of the BN layer growing step after step; right, every
+    per-neuron increment against ``eta^2 ||G||^2`` (log-log, the diagonal dashed: the lemma holds on it)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(sgd.groupby("step")["sq_after"].mean())
+    axes[0].set(xlabel="step", title="SGD: mean $\\|w(i)\\|^2$ of the BN layer")
+    axes[1].scatter(sgd["predicted"], sgd["measured"].clip(lower=1e-30), s=3)
+    lim = [sgd["predicted"].min(), sgd["predicted"].max()]
+    axes[1].plot(lim, lim, "k--")
+    axes[1].set(xscale="log", yscale="log", xlabel="predicted", ylabel="measured",
+                title="per-neuron increment: $\\eta^2\\|G\\|^2$ vs measured")
+    return fig
+
+
+def plot_effective_lr(eff: dict[str, pd.Series], lr: float) -> Figure:
+    """The median effective learning rate on the sphere per step, one line per optimizer of ``eff`` (log
+    scale): SGD's ``eta/||w||^2`` shrinks as the norms grow, PSI-SGD's stays at ``eta = lr``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, e in eff.items():
+        ax.plot(e.index, e.values, label=k)
+    ax.set(yscale="log", xlabel="step", ylabel="turn per unit gradient", title=f"Effective learning rate (eta = {lr})")
+    ax.legend()
+    return fig
+
+
+def plot_neuron_path(paths: dict[str, np.ndarray]) -> Figure:
+    """One neuron's direction ``w/||w||`` under each optimizer of ``paths`` (:func:`neuron_path`) on the
+    unit sphere in 3-D (:func:`plot_sphere_paths`): how far each moves the neuron from the same start."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6, 6))
+    ax = fig.add_subplot(projection="3d")
+    plot_sphere_paths(ax, paths)
+    ax.set_title("Direction of one neuron ($w/\\|w\\|$), unit sphere")
+    return fig

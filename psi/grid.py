@@ -45,15 +45,16 @@ import torch
 from . import data as D
 from .models import MODELS, build_model
 from .notebook import ParameterError, check_choice, check_positive, parse_shard, study_settings
-from .optimizers import OPTIMIZERS
+from .optimizers import LR, OPTIMIZERS
 from .study import read_selected_files, select_lr, selection_config, write_selected
 from .train import SCHEDULES, Config, lock_holder, optimizer_for, sweep
 
 __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "study_configs", "distinct", "plan",
            "cost_order", "run_states", "epoch_seconds", "main"]
 
+# notebook 04's study parameters; --set NAME=VALUE takes these
 SETTINGS = ("dataset", "models", "optimizers", "seeds", "epochs", "schedule", "subset", "batch_size", "lr_grids",
-            "val_size", "paper_settings")  # notebook 04's study parameters; --set NAME=VALUE takes these
+            "val_size", "select_subset", "lr_extend", "paper_settings", "eval_every")
 PAPER_SETTINGS = ("table1", "table2")  # the named settings a study runs at Table 3's rates (psi.optimizers)
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "synthetic": 2000}  # psi.data's training sets
 MPS_COMMAND = "nvidia-cuda-mps-control -d"
@@ -76,6 +77,14 @@ def check_settings(settings: dict[str, Any]) -> None:
     check_positive("batch_size", settings["batch_size"], integer=True)
     if settings["lr_grids"]:
         check_positive("val_size", settings["val_size"], integer=True)
+    if settings["select_subset"] is not None:
+        check_positive("select_subset", settings["select_subset"], integer=True)
+    if not (isinstance(settings["lr_extend"], int) and settings["lr_extend"] >= 0):
+        raise ParameterError(f"parameter lr_extend={settings['lr_extend']!r} must be an integer >= 0 (how many "
+                             f"times the selection may extend a grid past its edge)")
+    if not (isinstance(settings["eval_every"], int) and settings["eval_every"] >= 0):
+        raise ParameterError(f"parameter eval_every={settings['eval_every']!r} must be an integer >= 0 "
+                             f"(0: evaluate after the last epoch only)")
 
 
 def base_config(settings: dict[str, Any], runs_dir: str | os.PathLike, device: str = "cpu", amp: str = "auto",
@@ -83,7 +92,8 @@ def base_config(settings: dict[str, Any], runs_dir: str | os.PathLike, device: s
                 data_dir: str | None = None) -> Config:
     """The config every run of the study starts from (model, optimizer, seed and lr are set per run)."""
     base = Config(dataset=settings["dataset"], epochs=settings["epochs"], batch_size=settings["batch_size"],
-                  schedule=settings["schedule"], subset=settings["subset"] or None, device=device, amp=amp,
+                  schedule=settings["schedule"], subset=settings["subset"] or None, eval_every=settings["eval_every"],
+                  device=device, amp=amp,
                   channels_last=channels_last, compile=compile, deterministic=deterministic, data_dir=data_dir,
                   out=str(runs_dir), progress=False)
     base.validate()
@@ -121,7 +131,7 @@ def _selection_lock(base: Config, shared: bool = False) -> contextlib.AbstractCo
 def selection_configs(settings: dict[str, Any], base: Config) -> list[Config]:
     """The selection's starting runs: every (model, optimizer) with a grid, at each of its rates
     (what :func:`psi.study.select_lr` trains first; it may add up to two rates past an edge)."""
-    return [selection_config(replace(base, model=m), o, lr, settings["val_size"])
+    return [selection_config(replace(base, model=m), o, lr, settings["val_size"], subset=settings["select_subset"])
             for m in settings["models"] for o in settings["optimizers"] if o in settings["lr_grids"]
             for lr in sorted(settings["lr_grids"][o])]
 
@@ -142,7 +152,8 @@ def select_lrs(settings: dict[str, Any], base: Config,
             for opt in settings["optimizers"]:
                 if opt in settings["lr_grids"]:
                     lr, table = select_lr(replace(base, model=model), opt, settings["lr_grids"][opt],
-                                          settings["val_size"], dataset=dataset)
+                                          settings["val_size"], dataset=dataset, extend=settings["lr_extend"],
+                                          subset=settings["select_subset"])
                     selected[(model, opt)] = lr
                     tables.append(table.assign(model=model))
             chosen = {o: lr for (m, o), lr in selected.items() if m == model}
@@ -157,7 +168,7 @@ def read_selected(settings: dict[str, Any], base: Config) -> dict[tuple[str, str
     other settings does not)."""
     selected = {}
     for (dataset, model, opt), lr in read_selected_files(base.out).items():
-        run = selection_config(replace(base, model=model), opt, lr, settings["val_size"])
+        run = selection_config(replace(base, model=model), opt, lr, settings["val_size"], subset=settings["select_subset"])
         if (dataset == settings["dataset"] and model in settings["models"] and opt in settings["lr_grids"]
                 and (run.run_dir() / "summary.json").is_file()):
             selected[(model, opt)] = lr
@@ -169,18 +180,22 @@ def study_configs(settings: dict[str, Any], base: Config,
     """The study's (setting, config) pairs: each model x optimizer at its selected rate
     (setting ``tuned``, when there is one) and under each named setting of ``paper_settings``
     (``table1``, ``table2``: Table 3's rates, resolved by :mod:`psi.optimizers` and recorded by
-    the run), each seed. The label is the run's ``setting``; :func:`distinct` drops repeats."""
+    the run), each seed; :func:`distinct` drops repeats. A selected rate equal to Table 3's makes
+    the same run as ``table1``: the pair labelled ``tuned`` then holds the ``table1`` config, one
+    run for both (:func:`psi.study.label_tuned` labels it back in the analysis)."""
     pairs = []
     for model in settings["models"]:
         for opt in settings["optimizers"]:
-            runs: list[tuple[str, float | None]] = []
+            runs: list[tuple[str, str, float | None]] = []
             if (model, opt) in selected:
-                runs.append(("tuned", selected[(model, opt)]))
-            runs += [(name, None) for name in settings["paper_settings"]]
-            for setting, lr in runs:
+                lr = selected[(model, opt)]
+                same = "table1" in settings["paper_settings"] and lr == LR[opt]
+                runs.append(("tuned", "table1", None) if same else ("tuned", "tuned", lr))
+            runs += [(name, name, None) for name in settings["paper_settings"]]
+            for label, setting, lr in runs:
                 for seed in settings["seeds"]:
-                    pairs.append((setting, replace(base, model=model, optimizer=opt, setting=setting, seed=seed,
-                                                   lr=lr)))
+                    pairs.append((label, replace(base, model=model, optimizer=opt, setting=setting, seed=seed,
+                                                 lr=lr)))
     return pairs
 
 

@@ -10,8 +10,10 @@ slope of its log against ``log T``, with a confidence interval.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
@@ -20,7 +22,11 @@ from .discovery import param_groups
 from .loop import train_steps
 from .toy import make_optimizer, vg_grad_norm
 
-__all__ = ["describe_fit", "slope_ci", "min_sq_upto", "full_batch_grad_norm", "psi_sgd_min_sq"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["describe_fit", "slope_ci", "min_sq_upto", "full_batch_grad_norm", "psi_sgd_min_sq", "psi_sgd_rate",
+           "plot_rates"]
 
 
 def slope_ci(T: Sequence[float], v: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -70,3 +76,27 @@ def describe_fit(name: str, fit: tuple[float, float, float], bound: float) -> st
     where = ("inside the interval" if lo <= bound <= hi else "under the interval: a slower fall than the bound's over "
              "these horizons" if lo > bound else "above the interval: a faster fall, in agreement")
     return f"{name}: slope {s:.2f} [{lo:.2f}, {hi:.2f}]; the theorem's {bound:g} is {where}."
+
+
+def psi_sgd_rate(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, horizons: Sequence[int], lr0: float,
+                 batch_size: int, seeds: Sequence[int],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss) -> list[float]:
+    """Theorem 3's experiment: for each horizon ``T`` a fresh PSI-SGD run of ``T`` minibatch steps at the
+    rate ``lr0 * sqrt(T0 / T)`` (``T0`` the first horizon), the theorem's ``1/(L~ sqrt T)`` with ``L~``
+    unknown; the :func:`psi_sgd_min_sq` averaged over the minibatch orders of ``seeds``."""
+    return [float(np.mean(psi_sgd_min_sq(make_model, x, y, T, lr0 * (horizons[0] / T) ** 0.5, batch_size, seeds,
+                                         loss_fn))) for T in horizons]
+
+
+def plot_rates(rates: pd.DataFrame) -> Figure:
+    """Theorems 2-3 seen on log-log axes: ``min_{t<T}`` of the squared gradient norm against the horizon
+    ``T``, one line per column of ``rates`` (column ``T`` the horizons); the bounds are lines of slope
+    -1 (GD, PSI-GD) and -1/2 (PSI-SGD)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sns.lineplot(rates.melt("T", var_name="method", value_name="min squared gradient norm"), x="T",
+                 y="min squared gradient norm", hue="method", marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log", title="$\\min_{t<T}$ squared gradient norm")
+    return fig

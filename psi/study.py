@@ -25,11 +25,12 @@ from .train import Config, sweep
 
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLES", "PAPER_SOURCES", "PAPER_TABLE_OF", "PAPER_EPOCH_SECONDS",
            "selection_config", "select_lr", "write_selected", "read_selected_files", "load_runs", "load_metrics",
-           "compare", "paired", "min_detectable", "judge"]
+           "label_tuned", "not_run", "compare", "paired", "min_detectable", "judge"]
 
 _ALGOS = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm")
 # Table 1 (p. 1134 of the proceedings, page 7 of the PDF): mean and std of the test accuracy in %,
-# 5 runs, 200 epochs, no regularizer. CIFAR only (ImageNet's rows are not run here).
+# 5 runs (ImageNet: 3), 200 epochs (ImageNet: 100), no regularizer. ImageNet's rows are data here
+# but not run by this project's studies (notebook 05 lists them as "not run").
 _T1 = {
     ("cifar10", "resnet20"): (91.14, 0.10, 89.90, 0.17, 91.38, 0.21, 92.25, 0.03, 92.41, 0.12),
     ("cifar10", "resnet32"): (91.32, 0.23, 90.40, 0.32, 92.48, 0.35, 93.56, 0.08, 93.30, 0.14),
@@ -39,6 +40,9 @@ _T1 = {
     ("cifar100", "resnet32"): (67.41, 0.21, 64.43, 0.11, 70.13, 0.28, 70.81, 0.08, 70.14, 0.13),
     ("cifar100", "resnet44"): (67.72, 0.31, 65.03, 0.38, 71.32, 0.12, 71.94, 0.21, 72.03, 0.14),
     ("cifar100", "resnet56"): (68.02, 0.26, 65.77, 0.13, 71.46, 0.06, 72.88, 0.24, 72.40, 0.16),
+    ("imagenet", "resnet18"): (67.72, 0.12, 68.16, 0.13, 68.97, 0.05, 70.38, 0.06, 69.42, 0.06),
+    ("imagenet", "resnet34"): (71.30, 0.08, 70.68, 0.05, 72.40, 0.12, 73.31, 0.08, 72.88, 0.12),
+    ("imagenet", "resnet50"): (73.46, 0.14, 74.00, 0.16, 74.67, 0.14, 74.67, 0.12, 75.11, 0.05),
 }
 # Table 2 (supplement p. 17): test accuracy in % with the L2 regularizer, means only (no std is
 # printed); ``elsewhere`` is the number it gives in parentheses for SGD, from He et al. 2016
@@ -62,7 +66,8 @@ PAPER_TABLE2 = pd.DataFrame(
      for (d, m), v in _T2.items() for i, a in enumerate(_ALGOS)])
 PAPER_TABLES = pd.concat([PAPER_TABLE1, PAPER_TABLE2], ignore_index=True)
 PAPER_SOURCES = {
-    "Table 1": "Yi 2022, Table 1, p. 1134 (page 7 of the PDF): no regularizer; mean ± std of 5 runs, 200 epochs",
+    "Table 1": "Yi 2022, Table 1, p. 1134 (page 7 of the PDF): no regularizer; mean ± std of 5 runs, 200 epochs "
+               "(ImageNet: 3 runs, 100 epochs)",
     "Table 2": "Yi 2022, supplement Table 2, p. 17: L2 regularizer in the loss (SGDG: Cho and Lee's); means only",
 }
 PAPER_TABLE_OF = {"table1": "Table 1", "tuned": "Table 1", "table2": "Table 2"}  # each setting's own table
@@ -72,10 +77,14 @@ PAPER_EPOCH_SECONDS = {"sgd": 16.98, "adam": 18.1, "sgdg": 26.6, "psi-sgd": 18.2
 
 # -- learning-rate selection and its files ----------------------------------------------------
 
-def selection_config(base: Config, optimizer: str, lr: float, val_size: int, seed: int = 0) -> Config:
+def selection_config(base: Config, optimizer: str, lr: float, val_size: int, seed: int = 0,
+                     subset: int | None = None) -> Config:
     """A run of the selection: ``optimizer`` at ``lr`` under the setting ``tuned``, scored on a
-    validation split of ``val_size`` training images (one definition for the study and the grid tool)."""
-    return replace(base, optimizer=optimizer, setting="tuned", lr=lr, val_size=val_size, seed=seed)
+    validation split of ``val_size`` training images (one definition for the study and the grid
+    tool); ``subset``, when given, trains it on that many of the other images instead of the
+    study's subset (a cheaper selection: same epochs and schedule, fewer images)."""
+    return replace(base, optimizer=optimizer, setting="tuned", lr=lr, val_size=val_size, seed=seed,
+                   subset=subset or base.subset, eval_every=0)
 
 
 def _final(summary: dict[str, Any], split: str) -> float:
@@ -83,7 +92,7 @@ def _final(summary: dict[str, Any], split: str) -> float:
 
 
 def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, seed: int = 0,
-              dataset=None, extend: int = 2) -> tuple[float, pd.DataFrame]:
+              dataset=None, extend: int = 2, subset: int | None = None) -> tuple[float, pd.DataFrame]:
     """Train ``optimizer`` at every ``lr`` of ``grid`` on the training images minus a
     class-balanced validation split of ``val_size``; return the lr with the best final
     validation accuracy (the test set is not looked at) and the table of all.
@@ -96,7 +105,7 @@ def select_lr(base: Config, optimizer: str, grid: list[float], val_size: int, se
     acc: dict[float, float] = {}
     while True:
         todo = [lr for lr in grid if lr not in acc]
-        cfgs = [selection_config(base, optimizer, lr, val_size, seed) for lr in todo]
+        cfgs = [selection_config(base, optimizer, lr, val_size, seed, subset) for lr in todo]
         for cfg, s in zip(cfgs, sweep(cfgs, dataset=dataset), strict=True):
             acc[cfg.lr] = _final(s, "val") if "failed" not in s else np.nan
         finite = {lr: a for lr, a in acc.items() if not np.isnan(a)}
@@ -206,6 +215,31 @@ def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd
         frames.append(pd.DataFrame(rows))
     _warn_unrecorded(unrecorded, runs_dir)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def label_tuned(runs: pd.DataFrame, chosen: dict[tuple[str, str, str], float]) -> pd.DataFrame:
+    """``runs`` plus, for every ``(dataset, model, optimizer)`` whose chosen rate (``chosen``, as
+    :func:`read_selected_files` gives it) equals the rate its ``table1`` runs recorded, those runs
+    again labelled ``tuned``: the study made them once for both (:func:`psi.grid.study_configs`).
+    Where runs of the setting ``tuned`` exist for that rate they are the tuned ones and nothing is
+    added (``shared`` says which rows are copies)."""
+    runs = runs.assign(shared=False)
+    extra = []
+    for (dataset, model, opt), lr in chosen.items():
+        same = (runs.dataset == dataset) & (runs.model == model) & (runs.optimizer == opt) & (runs.lr == lr)
+        if not (same & (runs.setting == "tuned")).any():
+            extra.append(runs[same & (runs.setting == "table1")].assign(setting="tuned", shared=True))
+    return pd.concat([runs, *extra], ignore_index=True)
+
+
+def not_run(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's cells (table, dataset, model, optimizer) that no run of ``runs`` scored on the
+    test set covers, whatever its setting or length: what a reader must not look for in our tables
+    (ImageNet's rows always; every CIFAR cell of a profile that did not run it)."""
+    test = runs[runs["split"] == "test"] if "split" in runs else runs
+    done = {(PAPER_TABLE_OF[s], d, m, o) for s, d, m, o in zip(test.setting, test.dataset, test.model, test.optimizer)}
+    keys = zip(PAPER_TABLES.paper_table, PAPER_TABLES.dataset, PAPER_TABLES.model, PAPER_TABLES.optimizer)
+    return PAPER_TABLES[[k not in done for k in keys]].reset_index(drop=True)
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:

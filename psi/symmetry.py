@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,11 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import manifold as M
+from .discovery import param_groups
 from .loop import steps_per_epoch, train_steps
 from .models import BNMLP
+from .optim import PSISGD
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["set_bn_eps", "rescaled", "invariance_gap", "gradient_ratio", "drift", "eps_sweep", "eps_threshold",
-           "READINGS", "figure1_model", "epoch_losses", "findings", "figure1_findings"]
+           "sgd_and_psi_sgd", "READINGS", "figure1_model", "epoch_losses", "figure1_runs", "findings", "figure1_findings",
+           "plot_gradient_scaling", "plot_drift", "plot_eps_breaks_symmetry", "plot_figure1"]
 
 
 def set_bn_eps(model: nn.Module, eps: float) -> nn.Module:
@@ -91,6 +98,14 @@ def eps_threshold(model: nn.Module, layer: str, x: Tensor, eps: float = 1e-5) ->
     return std, float(np.sqrt(eps) / std)
 
 
+def sgd_and_psi_sgd(lr: float, probe: Tensor) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+    """The two optimizers the notebooks compare, as ``{"SGD": make, "PSI-SGD": make}`` with ``make(model)``
+    an optimizer at rate ``lr``: plain SGD on every parameter, and PSI-SGD (eq. 10) on the groups of
+    :func:`psi.param_groups` (found with the batch ``probe``)."""
+    return {"SGD": lambda m: torch.optim.SGD(m.parameters(), lr=lr),
+            "PSI-SGD": lambda m: PSISGD(param_groups(m, probe), lr=lr)}
+
+
 # Figure 1 (main paper p. 2; text p. 3): "a simple two-layer neural network with BN on MNIST" from T_a(W),
 # a = (1e4, 1e4, 1e-4, 1e-4). How the four factors map onto the network is not stated; three readings:
 READINGS = {
@@ -136,6 +151,22 @@ def epoch_losses(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Ten
     return out
 
 
+def figure1_runs(x: Tensor, y: Tensor, hidden: int, classes: int, lrs: Sequence[float], epochs: int,
+                 seed: int = 0) -> pd.DataFrame:
+    """Figure 1's experiment: every reading of :data:`READINGS`, SGD and PSI-SGD (:func:`sgd_and_psi_sgd`,
+    batch 64) at each rate of ``lrs``, each from the same start; one row per (reading, optimizer, lr,
+    epoch) with the ``train loss`` of :func:`epoch_losses` (epochs counted from 1)."""
+    rows = []
+    for reading in READINGS:
+        for name in ("SGD", "PSI-SGD"):
+            for lr in lrs:
+                model = figure1_model(reading, x.shape[1], hidden, classes, seed)
+                opt = sgd_and_psi_sgd(lr, x[:64])[name](model)
+                rows += [{"reading": reading, "optimizer": name, "lr": lr, "epoch": e, "train loss": v}
+                         for e, v in enumerate(epoch_losses(model, opt, x, y, epochs, seed=seed), 1)]
+    return pd.DataFrame(rows)
+
+
 def findings(gap: dict[float, dict[str, float]], slope: float, dist: dict[str, list[float]], s_star: float,
              sweep: pd.DataFrame) -> list[str]:
     """Notebook 01's sections 1-4 as sentences computed from the numbers, each with the test it passed or
@@ -178,3 +209,61 @@ def figure1_findings(final: pd.DataFrame, classes: int) -> list[str]:
                    f"{'trains' if psi_trains else 'does not get under 10% of chance'}, {lower}'s best is lower: "
                    f"{'the paper' if sgd_stalls and psi_trains else 'not the paper'}'s picture.")
     return out
+
+
+# -- the notebook's figures (each returns its matplotlib Figure; the notebook saves it) ----------------
+
+def plot_gradient_scaling(a: np.ndarray, ratio: np.ndarray) -> Figure:
+    """Eq. (5) seen per neuron: the gradient-norm ratio at ``T_a(W)`` over ``W`` against ``a(i)`` on
+    log-log axes, beside the predicted ``1/a`` line (slope -1 through the origin)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sns.scatterplot(x=a, y=ratio, ax=ax, label="neurons")
+    ax.plot(np.logspace(-2, 2), 1 / np.logspace(-2, 2), "k--", label="eq. (5): $1/a$")
+    ax.set(xscale="log", yscale="log", xlabel="$a(i)$", ylabel="gradient norm ratio", title="Gradient at $T_a(W)$ vs at $W$")
+    ax.legend()
+    return fig
+
+
+def plot_drift(dist: dict[str, Sequence[float]]) -> Figure:
+    """Theorem 1 seen step by step: the geodesic distance between two equivalent starts trained on the
+    same batches, one line per optimizer of ``dist`` (:func:`drift`); PSI-SGD's should stay at 0."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in dist.items():
+        ax.plot(np.arange(1, len(d) + 1), d, label=name)
+    ax.set(xlabel="step", ylabel="dist([W_t], [W'_t])  (radians)", title="Two equivalent starts, same batches")
+    ax.legend()
+    return fig
+
+
+def plot_eps_breaks_symmetry(sweep: pd.DataFrame, s_star: float) -> Figure:
+    """Where BN's eps breaks the symmetry: the relative change of the loss against the common scale ``s``
+    (:func:`eps_sweep`, log-log), with the threshold ``s*`` of :func:`eps_threshold` and Figure 1's 1e-4
+    marked, to show on which side of the threshold Figure 1's start sits."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(sweep, x="s", y="relative change of the loss", marker="o", ax=ax)
+    ax.axvline(s_star, color="k", ls="--", label=r"$s^2\,\mathrm{Var}[w^\top x] = \epsilon$")
+    ax.axvline(1e-4, color="C3", ls=":", label="Figure 1's $10^{-4}$")
+    ax.set(xscale="log", yscale="log", title=r"Symmetry broken by $\epsilon = 10^{-5}$")
+    ax.legend()
+    return fig
+
+
+def plot_figure1(runs: pd.DataFrame, dataset: str) -> Figure:
+    """Figure 1 reproduced: the training loss per epoch of :func:`figure1_runs`, one panel per reading,
+    SGD and PSI-SGD in color, the rate as line style, log scale (the paper shows SGD flat near chance)."""
+    import seaborn as sns
+
+    g = sns.relplot(runs, x="epoch", y="train loss", hue="optimizer", style="lr", col="reading", col_wrap=2, kind="line",
+                    height=3.2, aspect=1.3)
+    g.set(yscale="log")
+    g.set_titles("reading {col_name}")
+    g.figure.suptitle(f"Figure 1 on {dataset}: unbalanced start, four readings", y=1.02)
+    return g.figure

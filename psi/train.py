@@ -62,7 +62,8 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 # the compiler, and SGDP's reads values on the host: those run eager.
 COMPILED_STEP = ("sgd", "psi-sgd", "psi-sgdm")
 # not in the run's key: where it runs and how fast, not what it computes (the device *kind* is)
-_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic")
+# nor how often it is evaluated: training never reads the evaluation, so the run is the same
+_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic", "eval_every")
 EVAL_BATCH = 500  # evaluation batch: large (no gradients kept) and a divisor of CIFAR's 10000 test images
 DISCOVERY_EXAMPLES = 16  # images of the first batch that psi.param_groups runs the model on
 
@@ -100,6 +101,7 @@ class Config:
     warmup_epochs: float = 0.0
     subset: int | None = None
     val_size: int = 0
+    eval_every: int = 1  # evaluate after every k-th epoch and after the last; 0: after the last only
     max_norm: float | None = 1e4
     bn_split: int = 1
     amp: str = "auto"  # auto: bf16 on CUDA, none on the CPU
@@ -122,6 +124,8 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: evaluate after the last epoch only), got {self.eval_every}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.setting == "tuned" and self.lr is None:
@@ -501,11 +505,18 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
             if rank == 0:
                 _write_json(out / "failed.json", {"error": msg, "epoch": epoch})
             raise TrainingDiverged(msg)
-        eval_loss, eval_acc = evaluate(model, evaluation, autocast)
+        last = epoch == cfg.epochs - 1
+        # a full test pass costs about a third of a training pass per image: on a CPU with a small
+        # training subset it can cost more than the epoch, so eval_every may skip it (rows say null)
+        eval_loss = eval_acc = None
+        t1 = time.perf_counter()
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            eval_loss, eval_acc = evaluate(model, evaluation, autocast)
+        eval_seconds = time.perf_counter() - t1
         row = {"epoch": epoch, "lr": lr_factor(cfg, epoch) * float(opt.param_groups[0]["initial_lr"]),
                "train_loss": train_loss, "train_acc": train_correct / seen,
                f"{eval_name}_loss": eval_loss, f"{eval_name}_acc": eval_acc,
-               "epoch_seconds": seconds, "images_per_second": seen / seconds,
+               "epoch_seconds": seconds, "images_per_second": seen / seconds, "eval_seconds": eval_seconds,
                "warmup": epoch == start,  # this process's first epoch: compilation, cuDNN benchmarking
                "psi_layers": _psi_layer_stats(opt, cfg.optimizer)}
         if rank == 0:
@@ -514,8 +525,9 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
             state = _checkpoint(model, opt, scaler, epoch, device, cfg)
             _atomic_write(ckpt_path, lambda f, state=state: torch.save(state, f))
         if show:
-            print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
-                  f"{eval_name} acc {eval_acc:.4f}, {seconds:.1f}s", file=sys.stderr)
+            acc_text = "" if eval_acc is None else f", {eval_name} acc {eval_acc:.4f}"
+            print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}{acc_text}, "
+                  f"{seconds:.1f}s", file=sys.stderr)
     if world > 1:  # every rank reads the metrics rank 0 has written, all of them
         torch.distributed.barrier()
     summary = _summary(cfg, device, world, ds, metrics_path, eval_name)
@@ -584,7 +596,7 @@ def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metri
     timed = [r["epoch_seconds"] for r in rows if not r.get("warmup")] or [r["epoch_seconds"] for r in rows]
     return {"config": asdict(cfg), "key": cfg.key(), "device_kind": device.type, "epochs": len(rows),
             "final_train_loss": last["train_loss"], f"final_{eval_name}_acc": last[f"{eval_name}_acc"],
-            f"best_{eval_name}_acc": max(r[f"{eval_name}_acc"] for r in rows),
+            f"best_{eval_name}_acc": max(r[f"{eval_name}_acc"] for r in rows if r[f"{eval_name}_acc"] is not None),
             "mean_epoch_seconds": sum(timed) / len(timed),  # warm-up epochs (compilation) left out
             "warmup_epoch_seconds": [r["epoch_seconds"] for r in rows if r.get("warmup")],
             "world_size": world, "data_source": ds.source, "torch": torch.__version__,
@@ -639,6 +651,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--subset", type=int, help="a fixed class-balanced subset of N training images")
     ap.add_argument("--val-size", type=int, default=0,
                     help="hold out N training images as a validation split, evaluated instead of the test set")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every,
+                    help="evaluate after every k-th epoch and after the last (0: the last only; a test pass "
+                         "costs about a third of a training pass per image)")
     ap.add_argument("--bn-split", type=int, default=1,
                     help="BatchNorm statistics over N slices of each batch (what N processes compute without "
                          "SyncBatchNorm, which needs CUDA)")
@@ -680,6 +695,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       batch_size=a.batch_size, lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum,
                       weight_decay=a.weight_decay, omega=a.omega,
                       schedule=a.schedule, warmup_epochs=a.warmup_epochs, subset=a.subset, val_size=a.val_size,
+                      eval_every=a.eval_every,
                       max_norm=a.max_norm, bn_split=a.bn_split, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
                       channels_last=a.channels_last, compile=a.compile, deterministic=a.deterministic,
                       progress=not a.quiet)

@@ -59,7 +59,7 @@ def _run_cut(cfg: train.Config, ds, after_epochs: int, monkeypatch) -> None:
 def _rows(cfg: train.Config) -> list[dict]:
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        for k in ("epoch_seconds", "images_per_second", "warmup"):
+        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):
             r.pop(k)
     return rows
 

@@ -254,6 +254,18 @@ def test_benchmark_runs_and_prints_ratios(capsys):
     assert "torch SGD (foreach)" in out and "psi.PSISGD" in out and "1.00" in out
 
 
+
+def test_epoch_benchmark_times_every_paper_optimizer_beside_the_papers_ratio(capsys):
+    from psi import bench
+
+    bench.main(["epoch", "--models", "smallcnn", "--images", "128", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("  ") and "ms/image" not in ln}
+    assert set(rows) == {"sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm"}
+    assert rows["sgd"][1] == "1.000" and rows["sgdg"][2] == f"{26.6 / 16.98:.3f}"  # section 6.2's V100 seconds
+    assert all(float(r[0]) > 0 for r in rows.values())
+
+
 # -- build_optimizer: the fewest groups, the same numbers as one group per layer -----------------
 
 def _copies(n):

@@ -1,5 +1,5 @@
 """The experiment modules of notebooks 01-03: the loop, the toy problems, Figure 4's measures, the rates,
-the symmetry and geometry experiments. Each test names what would make it fail."""
+the symmetry and geometry experiments, and the notebooks' figures. Each test names what would make it fail."""
 
 import math
 
@@ -17,7 +17,7 @@ from psi import manifold as M
 from psi import symmetry as S
 from psi.loop import batch_indices, steps_per_epoch, train_steps
 from psi.models import BNMLP
-from psi.rates import describe_fit, min_sq_upto, psi_sgd_min_sq, slope_ci
+from psi.rates import describe_fit, min_sq_upto, plot_rates, psi_sgd_min_sq, psi_sgd_rate, slope_ci
 from psi.toy import METHODS, euclid_grad_norm, make_optimizer, toy_regression, train_full_batch, vg_grad_norm
 
 
@@ -375,3 +375,148 @@ def test_symmetry_findings_report_a_failed_theorem():
     assert "it holds" in ok[0] and "holds." in ok[1] and ok[2].endswith("held.") and "sits below" in ok[3]
     bad = S.findings(gap, -0.9, {"SGD": [0.1, 2.0], "PSI-SGD": [0.0, 1e-3]}, 5e-3, sweep)
     assert "does not hold" in bad[1] and bad[2].endswith("FAILED.")
+
+
+# -- the experiments the notebooks call in one line ------------------------------------------------
+
+def test_sgd_and_psi_sgd_make_the_two_optimizers_at_one_rate():
+    x, _ = _data()
+    opts = S.sgd_and_psi_sgd(0.05, x[:32])
+    assert list(opts) == ["SGD", "PSI-SGD"]
+    net = BNMLP(6, [8], 3).double()
+    sgd, psi_sgd = opts["SGD"](net), opts["PSI-SGD"](net)
+    assert type(sgd) is torch.optim.SGD and isinstance(psi_sgd, psi.PSISGD)
+    assert {g["lr"] for g in sgd.param_groups} == {g["lr"] for g in psi_sgd.param_groups} == {0.05}
+    assert [g.get("name") for g in psi_sgd.param_groups if g.get("psi")] == ["net.1"]  # the BN layer takes PSI-SGD
+
+
+def test_figure1_runs_one_row_per_reading_optimizer_rate_and_epoch():
+    x, y = _data(n=64)
+    runs = S.figure1_runs(x.float(), y, 8, 3, [0.01, 0.1], 2)
+    assert len(runs) == len(S.READINGS) * 2 * 2 * 2
+    assert list(runs.columns) == ["reading", "optimizer", "lr", "epoch", "train loss"]
+    assert list(dict.fromkeys(runs["reading"])) == list(S.READINGS) and set(runs["epoch"]) == {1, 2}
+    model = S.figure1_model("B", 6, 8, 3)  # one cell of the grid, run by hand: the same losses
+    alone = S.epoch_losses(model, psi.PSISGD(psi.param_groups(model, x.float()[:64]), lr=0.1), x.float(), y, 2)
+    cell = runs[(runs.reading == "B") & (runs.optimizer == "PSI-SGD") & (runs.lr == 0.1)]
+    assert cell["train loss"].tolist() == alone
+
+
+def test_bn_net_and_layer_gradient():
+    x, y = _data(d=64, classes=10)
+    torch.manual_seed(3)
+    ref = BNMLP(64, [32], 10).double()
+    net = G.bn_net(seed=3)
+    assert torch.equal(net.net[1].weight, ref.net[1].weight) and net.net[2].eps == 1e-5
+    assert G.bn_net(seed=3, eps=1e-30).net[2].eps == 1e-30
+    w, g = G.layer_gradient(net, "net.1", x, y)
+    F.cross_entropy(ref(x), y).backward()
+    assert torch.equal(w, ref.net[1].weight.detach()) and torch.allclose(g, ref.net[1].weight.grad)
+    w, g = G.layer_gradient(G.bn_net(seed=3, eps=1e-30), "net.1", x, y)
+    assert abs(float((g * w).sum())) < 1e-10 * float(g.norm() * w.norm())  # exactly scale-invariant: G orthogonal to W
+
+
+def test_psi_sgd_rate_shrinks_the_step_as_one_over_sqrt_T():
+    x, y = toy_regression(n=200)
+    make = lambda: F4.toy_model(F4.Setup("s", hidden=8))  # noqa: E731
+    got = psi_sgd_rate(make, x, y, [4, 16], 0.1, 50, [0, 1])
+    assert got[0] == pytest.approx(np.mean(psi_sgd_min_sq(make, x, y, 4, 0.1, 50, [0, 1])))
+    assert got[1] == pytest.approx(np.mean(psi_sgd_min_sq(make, x, y, 16, 0.05, 50, [0, 1])))  # 0.1 * sqrt(4/16)
+
+
+def test_initial_scale_runs_gd_and_psi_gd_at_every_scale():
+    x, y = toy_regression(n=200)
+    curves, falls = F4.initial_scale_runs(x, y, [0.1, 10.0], 6, {"gd": 0.01, "psi-gd": 0.1})
+    assert len(curves) == 2 * 2 * 6 and set(curves["scale"]) == {"x 0.1", "x 10"}
+    assert list(falls["method"]) == ["GD", "GD", "PSI-GD", "PSI-GD"] and list(falls["scale"]) == [0.1, 10.0, 0.1, 10.0]
+    h = train_full_batch(F4.toy_model(F4.Setup("scaled", hidden_scale=10.0)), "psi-gd", x, y, 6, 0.1)
+    assert falls["final loss"].iloc[3] == h["loss"][-1] and {"start", "end", "slope"} <= set(falls.columns)
+
+
+# -- the notebooks' figures (Agg backend) -----------------------------------------------------------
+
+@pytest.fixture
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    yield pyplot
+    pyplot.close("all")
+
+
+def _data_lines(ax):
+    return [line for line in ax.lines if len(line.get_xdata())]
+
+
+def test_symmetry_figures(plt):
+    a = np.array([0.1, 1.0, 10.0])
+    fig = S.plot_gradient_scaling(a, 1 / a)
+    (ax,) = fig.axes
+    assert ax.get_title() == "Gradient at $T_a(W)$ vs at $W$" and ax.get_xscale() == ax.get_yscale() == "log"
+    assert len(ax.collections[0].get_offsets()) == 3 and [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "neurons", "eq. (5): $1/a$"]
+    fig = S.plot_drift({"SGD": [0.1, 0.2, 0.3], "PSI-SGD": [0.0, 0.0, 0.0]})
+    lines = fig.axes[0].lines
+    assert [line.get_label() for line in lines] == ["SGD", "PSI-SGD"] and list(lines[0].get_xdata()) == [1, 2, 3]
+    sweep = pd.DataFrame({"s": [1e-6, 1e-4, 1e-2, 1.0], "relative change of the loss": [0.5, 0.1, 1e-4, 1e-9]})
+    ax = S.plot_eps_breaks_symmetry(sweep, 3e-3).axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines[1:]] == [[3e-3, 3e-3], [1e-4, 1e-4]]  # s* and Figure 1's 1e-4
+    assert len(ax.lines[0].get_xdata()) == 4 and ax.get_title() == r"Symmetry broken by $\epsilon = 10^{-5}$"
+    runs = pd.DataFrame([{"reading": r, "optimizer": o, "lr": 0.1, "epoch": e, "train loss": 1 / e}
+                         for r in "ABC" for o in ("SGD", "PSI-SGD") for e in (1, 2)])
+    fig = S.plot_figure1(runs, "digits")
+    assert [ax.get_title() for ax in fig.axes] == ["reading A", "reading B", "reading C"]
+    assert fig._suptitle.get_text().startswith("Figure 1 on digits") and fig.axes[0].get_yscale() == "log"
+    assert all(len(_data_lines(ax)) == 2 for ax in fig.axes)  # SGD and PSI-SGD in each panel
+
+
+def test_geometry_figures(plt):
+    ts = np.logspace(-3, 0, 4)
+    ax = G.plot_retraction_vs_expmap(ts, ts**3 / 3).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["dist(retr, expmap)", "$t^3/3$"] and ax.get_yscale() == "log"
+    sgd = pd.DataFrame({"step": [1, 1, 2, 2, 3, 3], "sq_after": [1.0, 2.0, 1.5, 2.5, 2.0, 3.0],
+                        "measured": [1e-3, 2e-3, 1e-3, 0.0, 1e-3, 1e-3], "predicted": [1e-3, 2e-3, 1e-3, 1e-3, 1e-3, 1e-3]})
+    left, right = G.plot_lemma1(sgd).axes
+    assert list(left.lines[0].get_ydata()) == [1.5, 2.0, 2.5]  # the mean over neurons per step
+    assert len(right.collections[0].get_offsets()) == 6 and right.get_title().startswith("per-neuron increment")
+    eff = {"SGD": pd.Series([0.3, 0.2], index=[1, 2]), "PSI-SGD": pd.Series([0.1, 0.1], index=[1, 2])}
+    ax = G.plot_effective_lr(eff, 0.1).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["SGD", "PSI-SGD"] and ax.get_title().endswith("(eta = 0.1)")
+    t = np.linspace(0, 0.5, 6)
+    paths = {"SGD": np.stack([np.cos(t), np.sin(t), 0 * t], 1), "PSI-SGD": np.stack([np.cos(t), 0 * t, np.sin(t)], 1)}
+    (ax,) = G.plot_neuron_path(paths).axes
+    assert ax.name == "3d" and ax.get_title().startswith("Direction of one neuron")
+    assert [x.get_text() for x in ax.get_legend().get_texts()] == ["SGD: 0.500 rad", "PSI-SGD: 0.500 rad", "start"]
+
+
+def _curves(methods=("gd", "psi-gd", "adam"), epochs=5):
+    return pd.DataFrame([{"setup": "as stated", "method": m, "epoch": e, "grad_norm": 10.0 / (e + 1),
+                          "egrad_norm": 20.0 / (e + 1), "loss": 1.0 / (e + 1)} for m in methods for e in range(epochs)])
+
+
+def test_figure4_figures(plt):
+    curves = _curves()
+    ours, euclid = F4.plot_figure4(curves).axes
+    assert ours.get_title() == "Gradient norm of the theorems (dashed: the figure)"
+    assert euclid.get_title() == "The same runs, Euclidean gradient norm"
+    assert len(ours.lines) == 3 + len(F4.PAPER_FIGURE4["end"]) and len(euclid.lines) == 3  # dashed: the figure's five
+    assert list(euclid.lines[0].get_ydata()) == list(curves["egrad_norm"][:5])
+    ax = F4.plot_loss_vs_noise_floor(curves, 0.9).axes[0]
+    assert len(ax.lines) == 4 and list(ax.lines[-1].get_ydata()) == [0.9, 0.9] and ax.get_ylabel() == "loss"
+    readings = _table({"gd": -0.1, "psi-gd": -4.2})
+    ax = F4.plot_readings_slopes(readings, {"slope": -3.0}).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["as stated", "control: GD, linear least squares"]
+    scale = pd.DataFrame([{"method": m, "scale": f"x {s:g}", "epoch": e, "loss": 1.0 / (e + 1)}
+                          for m in ("GD", "PSI-GD") for s in (0.1, 1.0, 10.0) for e in range(4)])
+    fig = F4.plot_initial_scale(scale)
+    assert [ax.get_title() for ax in fig.axes] == ["method = GD", "method = PSI-GD"]
+    assert all(len(_data_lines(ax)) == 3 for ax in fig.axes)  # one line per initial scale
+
+
+def test_rates_figure(plt):
+    rates = pd.DataFrame({"T": [10, 20, 40], "PSI-GD": [1.0, 0.5, 0.25], "PSI-SGD": [1.0, 0.7, 0.5]})
+    (ax,) = plot_rates(rates).axes
+    assert len(_data_lines(ax)) == 2 and [t.get_text() for t in ax.get_legend().get_texts()] == ["PSI-GD", "PSI-SGD"]
+    assert ax.get_xscale() == ax.get_yscale() == "log" and "squared gradient norm" in ax.get_title()

@@ -69,7 +69,8 @@ def test_run_files_and_reuse(tmp_path):
     assert {p.name for p in d.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", ".lock"}
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
-    for k in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
+    for k in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second",
+              "eval_seconds"):
         assert all(k in r for r in rows)
     assert set(rows[0]["psi_layers"]) == {"features.0", "features.4"}
     assert rows[0]["psi_layers"]["features.0"]["eff_lr"] == pytest.approx(0.1)
@@ -95,7 +96,8 @@ def _metrics(out: Path):
     (d,) = [p for p in out.iterdir() if p.is_dir()]
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        r.pop("epoch_seconds"), r.pop("images_per_second"), r.pop("warmup")  # timing, not results
+        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):  # timing, not results
+            r.pop(k)
     return rows
 
 
