@@ -2,7 +2,7 @@
 
 from . import manifold
 from .discovery import find_scale_invariant, param_groups
-from .optim import PSIGD, PSISGD, psi_sgd
+from .psisgd import MAX_NORM, PSIGD, PSISGD, psi_sgd
 
-__all__ = ["manifold", "find_scale_invariant", "param_groups", "PSISGD", "PSIGD", "psi_sgd"]
+__all__ = ["manifold", "find_scale_invariant", "param_groups", "PSISGD", "PSIGD", "psi_sgd", "MAX_NORM"]
 __version__ = "0.1.0"

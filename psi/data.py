@@ -16,11 +16,13 @@ Where the data is looked for: the folder given by ``data_dir``, else ``$PSI_DATA
    checked, and written under its final name only once complete.
 
 ``synthetic`` is a small CIFAR-shaped dataset made on the spot (for tests and smoke runs); it
-is used only when asked for by name, never as a fallback.
+is used only when asked for by name, never as a fallback. ``data/README.md`` tells users the same,
+with the errors a missing or corrupt copy gives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -49,6 +51,14 @@ _OFFICIAL = {
 # per-channel statistics of the official CIFAR training sets (0-255 scale)
 _MEAN = {"cifar10": (125.31, 122.95, 113.87), "cifar100": (129.30, 124.07, 112.43)}
 _STD = {"cifar10": (62.99, 62.09, 66.70), "cifar100": (68.17, 65.39, 70.42)}
+# split_validation draws its held-out images with seed + this: a permutation of its own, so that they
+# are not the images a subset drawn with the same seed from the same labels would pick
+# (balanced_subset(y, n, seed): both take each class's first images in their seed's permutation).
+VALIDATION_SEED_OFFSET = 1000
+# BatchLoader seeds epoch e's generator with seed * EPOCH_SEED_STRIDE + e: one stream per (seed, epoch),
+# distinct for every pair while epochs stay below the stride (a prime, far above any schedule's
+# epochs), and a function of the pair alone, so that a resumed run draws the batches it would have.
+EPOCH_SEED_STRIDE = 100003
 
 
 class DataError(RuntimeError):
@@ -124,20 +134,21 @@ def _official(name: str, path: Path) -> Dataset:
     c10 = name == "cifar10"
     train_files = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
     meta_file, label_key = ("batches.meta", "labels") if c10 else ("meta", "fine_labels")
-    if path.is_dir():
-        def read(member: str) -> dict:
-            with open(path / member, "rb") as f:
-                return _unpickle(f)
-    else:
-        tar = tarfile.open(path, "r:gz")
-        top = _OFFICIAL[name][0]
+    with contextlib.ExitStack() as stack:  # the archive, if any, is closed once its members are read
+        if path.is_dir():
+            def read(member: str) -> dict:
+                with open(path / member, "rb") as f:
+                    return _unpickle(f)
+        else:
+            tar = stack.enter_context(tarfile.open(path, "r:gz"))
+            top = _OFFICIAL[name][0]
 
-        def read(member: str) -> dict:
-            return _unpickle(tar.extractfile(f"{top}/{member}"))
+            def read(member: str) -> dict:
+                return _unpickle(tar.extractfile(f"{top}/{member}"))
 
-    parts = [read(f) for f in train_files]
-    test = read("test_batch" if c10 else "test")
-    meta = read(meta_file)
+        parts = [read(f) for f in train_files]
+        test = read("test_batch" if c10 else "test")
+        meta = read(meta_file)
     classes = tuple(meta["label_names" if c10 else "fine_label_names"])
 
     def images(d: dict) -> Tensor:
@@ -300,7 +311,7 @@ def balanced_subset(y: Tensor, n: int, seed: int = 0) -> Tensor:
 
 def split_validation(y: Tensor, n_val: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(train indices, validation indices): a class-balanced held-out part of the training images."""
-    val = balanced_subset(y, n_val, seed=seed + 1000)
+    val = balanced_subset(y, n_val, seed=seed + VALIDATION_SEED_OFFSET)
     mask = torch.ones(len(y), dtype=torch.bool)
     mask[val] = False
     return mask.nonzero().squeeze(1), val
@@ -342,7 +353,7 @@ class BatchLoader:
     def epoch(self, epoch: int):
         """Yield (images, labels) for one epoch (this process's slice)."""
         n = len(self.x)
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + epoch)
+        g = torch.Generator(device=self.device).manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
         order = torch.randperm(n, generator=g, device=self.device) if self.train else torch.arange(n, device=self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]

@@ -10,7 +10,7 @@ the interval a budget buys (:func:`affordable_seeds`). ``python -m psi.design`` 
 writes ``design.csv``.
 
 What this can tell: with ``k`` seeds per design, the standard deviation of the differences has
-``k - 1`` degrees of freedom, so its 95% interval spans a factor of about 6 at k = 3 and 3 at
+``k - 1`` degrees of freedom, so its 95% interval spans a factor of about 12 at k = 3 and 5 at
 k = 5 (:func:`sd_interval`): only large differences in spread between designs are seen.
 """
 

@@ -1,24 +1,24 @@
 """Exact discovery of positively scale-invariant layers, and optimizer groups from it.
 
-A layer is *scale-invariant* when multiplying each of its neurons (output channels, axis 0 of
-its weight) by its own positive factor leaves the network's training-mode output unchanged
-(section 3 of the paper): conv/linear followed by BatchNorm, possibly through positively
-homogeneous ops (ReLU, LeakyReLU, pooling, dropout, flatten, zero-padding).
+A layer is *scale-invariant* when multiplying each of its neurons (output channels, axis 0 of its
+weight) by its own positive factor leaves the network's training-mode output unchanged (section 3.1
+of the paper, p. 1130; Definition 1, p. 1131): conv/linear followed by BatchNorm, possibly through
+positively homogeneous ops (ReLU, LeakyReLU, pooling, dropout, flatten, zero-padding).
 
-How it is decided: the module tree proposes every ``Linear``/``Conv1d/2d/3d`` that the forward
-pass calls (their weight has the neuron axis first; ``ConvTranspose`` does not and is never
-proposed). Each candidate is then *confirmed numerically* on a float64 copy of the model in
-train mode, with BatchNorm's eps set to 1e-30 (eps breaks the symmetry at tiny scales; we test
-the structure, not that rounding) and every parameter slightly perturbed (so that a zero-init
-weight or a BN scale of 0 cannot hide a dependence): the weight is multiplied by random
-per-neuron factors spread over [1e-6, 1e6] (wide, so that a clipping nonlinearity such as
-ReLU6 or a shrinkage cannot pass for a homogeneous one) and the outputs must not move
-(relative 1e-8). When the weight alone fails and the layer has a bias, weight and bias are rescaled together (needed when an
-op between the layer and its BN does not remove a constant, e.g. a ReLU). What fails both is
-rejected: a layer whose output also reaches the loss around its BN (a residual branch without
-BN, the last conv of a pre-activation block), the classifier, and a layer followed only by
-LayerNorm or GroupNorm, which are invariant to one common factor per sample or group, not
-to a separate factor per neuron.
+How it is decided: the module tree proposes every ``Linear``/``Conv1d/2d/3d`` that the forward pass
+calls (their weight has the neuron axis first; ``ConvTranspose`` does not and is never proposed).
+Each candidate is then *confirmed numerically* on a float64 copy of the model in train mode, with
+BatchNorm's eps set to 1e-30 (``_BN_EPS``: eps breaks the symmetry at tiny scales; we test the
+structure, not that rounding) and every parameter slightly perturbed (so that a zero-init weight or
+a BN scale of 0 cannot hide a dependence): the weight is multiplied by random per-neuron factors
+spread over [1e-6, 1e6] (``_SCALES``: wide, so that a clipping nonlinearity such as ReLU6 or a
+shrinkage cannot pass for a homogeneous one) and the outputs must not move (relative 1e-8,
+``_RTOL``). When the weight alone fails and the layer has a bias, weight and bias are rescaled
+together (needed when an op between the layer and its BN does not remove a constant, e.g. a ReLU).
+What fails both is rejected: a layer whose output also reaches the loss around its BN (a residual
+branch without BN, the last conv of a pre-activation block), the classifier, and a layer followed
+only by LayerNorm or GroupNorm, which are invariant to one common factor per sample or group, not to
+a separate factor per neuron.
 """
 
 from __future__ import annotations
@@ -36,7 +36,23 @@ from .manifold import random_scales, rescale
 __all__ = ["find_scale_invariant", "param_groups", "CANDIDATE_TYPES"]
 
 CANDIDATE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The outputs must not move by more than this, relative to their largest entry, when a layer's neurons
+# are rescaled: float64 rounding through a network stays far below it, a real dependence far above.
 _RTOL = 1e-8
+# BatchNorm's eps on the probe: eps breaks the symmetry at tiny scales (var + eps is not scale-free);
+# we test the structure, not that rounding. Positive, so that a constant channel still divides by > 0.
+_BN_EPS = 1e-30
+# Every parameter of the probe is moved by noise * (_NOISE_REL * mean |p| + _NOISE_ABS): relative, to
+# keep each tensor's scale; absolute, so that a zero-initialised weight or a BN scale of 0 cannot hide
+# a dependence (a layer before a zero BN scale would pass for invariant whatever it is).
+_NOISE_REL, _NOISE_ABS = 0.1, 1e-3
+# Per-neuron factors, log-uniform over this range: wide, so that a clipping nonlinearity (ReLU6,
+# hardtanh) or a shrinkage cannot pass for a positively homogeneous one on a narrow range of scales.
+_SCALES = (1e-6, 1e6)
+# The factors' generator is seeded with the probe's seed plus this: a stream of their own, not the
+# one that drew the noise (seed) nor the forward pass's dropout masks (torch.manual_seed(seed)).
+_SCALES_SEED_OFFSET = 1
+_TINY = 1e-30  # added to the reference's scale so that an output that is 0 everywhere must stay exactly 0
 
 
 def _map_floats(x: Any, fn) -> Any:
@@ -74,10 +90,10 @@ class _Probe:
         with torch.no_grad():
             for p in self.model.parameters():
                 noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                p.add_(noise * (0.1 * p.abs().mean() + 1e-3))
+                p.add_(noise * (_NOISE_REL * p.abs().mean() + _NOISE_ABS))
         for m in self.model.modules():
             if isinstance(m, _BatchNorm):
-                m.eps = 1e-30
+                m.eps = _BN_EPS
         self.inputs = _map_floats(example_input, lambda t: t.detach().double())
         self.devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         self.called: set[nn.Module] = set()
@@ -108,7 +124,7 @@ class _Probe:
     def unchanged(self) -> bool:
         out = self.forward()
         return all(
-            torch.isfinite(o).all() and (o - r).abs().max() <= _RTOL * (r.abs().max() + 1e-30)
+            torch.isfinite(o).all() and (o - r).abs().max() <= _RTOL * (r.abs().max() + _TINY)
             for o, r in zip(out, self.reference, strict=True)
         )
 
@@ -117,8 +133,8 @@ class _Probe:
         """Rescale the layer's neurons (and bias) by random positive factors: does the output stay?"""
         tensors = [layer.weight] + ([layer.bias] if with_bias else [])
         saved = [t.clone() for t in tensors]
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        a = random_scales(layer.weight.shape[0], 1e-6, 1e6, generator=gen).to(layer.weight.device)
+        gen = torch.Generator().manual_seed(self.seed + _SCALES_SEED_OFFSET)
+        a = random_scales(layer.weight.shape[0], *_SCALES, generator=gen).to(layer.weight.device)
         for t in tensors:
             t.copy_(rescale(t, a))
         try:

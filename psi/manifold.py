@@ -10,9 +10,14 @@ Every function also takes a list of tensors (a network is a product manifold): i
 applied tensor by tensor, and ``inner``/``dist`` combine the factors (a sum, a root of the
 sum of squares).
 
+This module is the reference for eq. 6-8: :class:`psi.PSISGD`'s fused step and :mod:`psi.sgdg`
+write the same operations in their own arithmetic (the bits their recorded runs hold) and are
+tested against these functions to rounding.
+
 Names follow geoopt/pymanopt: ``proju`` projects onto the horizontal space, ``egrad2rgrad``
 turns a Euclidean gradient into the Riemannian one, ``retr`` is the paper's retraction and
-``expmap`` the exact exponential map of metric (6).
+``expmap`` the exact exponential map of metric (6) (Proposition 2, p. 1131; the paper gives
+none: Remark 2, p. 1132).
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def canonical(W: Tensor) -> Tensor:
 
 @_lift
 def rescale(W: Tensor, a: Tensor) -> Tensor:
-    """``T_a(W)``: neuron ``i`` multiplied by ``a[i] > 0`` (the symmetry of section 3)."""
+    """``T_a(W)``: neuron ``i`` multiplied by ``a[i] > 0`` (the symmetry of section 3.1, p. 1130)."""
     return W * _per_neuron(a.to(W), W)
 
 
@@ -152,8 +157,8 @@ def _sqdist(W1: Tensor, W2: Tensor) -> Tensor:
 
 def dist(W1: Point, W2: Point) -> Tensor:
     """Geodesic distance between ``[W1]`` and ``[W2]``: the root of the sum over neurons of
-    the squared angle between ``w1(i)`` and ``w2(i)`` (the quotient is a product of unit
-    spheres, section 4)."""
+    the squared angle between ``w1(i)`` and ``w2(i)`` (the quotient of section 4 with metric (6)
+    is a product of unit spheres: a class stands for its unit-norm representative)."""
     sq = _sqdist(W1, W2)
     return sq.sqrt() if isinstance(sq, Tensor) else torch.stack(sq).sum().sqrt()
 

@@ -117,6 +117,12 @@ class BNMLP(nn.Module):
         layers.append(nn.Linear(d_in, num_classes))
         self.net = nn.Sequential(*layers)
 
+    @property
+    def first_linear(self) -> nn.Linear:
+        """The first hidden layer (``net[1]``, after the flatten): the scale-invariant layer that
+        Figure 1's readings rescale."""
+        return self.net[1]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 

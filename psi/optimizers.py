@@ -40,7 +40,7 @@ Readings that hold in every setting:
   Table 3 shows none) and gradient clipping nu = 0.1 (Cho and Lee's ``--grad_clip 0.1``) in every
   setting: Table 3's "0.1" is omega, not nu.
 - PSI-SGD has momentum 0 (eq. 10; Table 3 "-"), PSI-SGDM 0.9; both keep section 6.2's overflow
-  safeguard, ``max_norm`` 1e4 (p. 1135).
+  safeguard, ``max_norm`` 1e4 (p. 1135; :data:`psi.psisgd.MAX_NORM`).
 - L2 "in the loss" is ``lambda/2 ||theta||^2``, applied as its gradient ``lambda theta`` through
   each optimizer's ``weight_decay`` (torch's SGD and Adam add it to the gradient: L2, not
   decoupled decay). The training loss a run logs is the cross-entropy alone.
@@ -63,14 +63,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .discovery import param_groups
-from .optim import PSISGD
+from .psisgd import MAX_NORM, PSISGD
 from .sgdg import SGDG
 
 __all__ = ["OPTIMIZERS", "SETTINGS", "LR", "L2", "OMEGA", "GRAD_CLIP", "REST", "resolve", "build_optimizer",
-           "describe", "Combined"]
+           "describe", "Combined", "EFFECTIVE_LR", "effective_lr"]
 
 OPTIMIZERS = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm", "sgdp")
 SETTINGS = ("table1", "table2", "tuned")
@@ -79,6 +79,10 @@ L2 = 5e-4  # Table 3's "Regularizer": table2 only
 OMEGA = 0.1  # SGDG's regularizer (footnote 4: Cho and Lee's orthogonality weight): table2 only
 GRAD_CLIP = 0.1  # Cho and Lee's nu, every setting
 REST = dict(lr=0.1, momentum=0.9, nesterov=False)  # F.2's SGD on the non-PSI parameters; L2 from the setting
+# How far each method's step turns a scale-invariant neuron's direction per unit of gradient on the
+# unit sphere: "lr", "lr/||w||^2", or None where no such rate exists (the reasons: effective_lr).
+EFFECTIVE_LR: dict[str, str | None] = {"sgd": "lr/||w||^2", "adam": None, "sgdg": "lr", "psi-sgd": "lr",
+                                       "psi-sgdm": "lr", "sgdp": "lr/||w||^2"}
 
 # Keys a group carries (torch copies every default into every group) that its step never reads,
 # and switches that choose how a step runs, not what it computes: left out of the record.
@@ -87,9 +91,43 @@ _NOT_READ = {(PSISGD, False): ("max_norm",), (SGDG, True): ("weight_decay", "nes
 _SWITCHES = ("params", "initial_lr", "foreach", "fused", "differentiable", "capturable")
 
 
+def effective_lr(name: str, lr: float, sqnorm: Tensor) -> Tensor:
+    """The effective learning rate of method ``name`` on one scale-invariant layer: how far its step
+    turns the directions ``v(i) = w(i)/||w(i)||`` of the layer's neurons per unit of gradient on the
+    unit sphere, averaged over the neurons. ``sqnorm``: the neurons' ``||w(i)||^2``; ``lr``: the
+    group's learning rate (a float). A 0-dim tensor in ``sqnorm``'s dtype on its device, so that a
+    caller reads every layer's statistics back at once (:func:`psi.train._psi_layer_stats`).
+
+    Why (``EFFECTIVE_LR``): for a scale-invariant loss ``L(W) = L(V)``, the Euclidean gradient of a
+    neuron is ``G(i) = grad_v(i) / ||w(i)||`` (eq. 5 with ``a(i) = 1/||w(i)||``), orthogonal to
+    ``w(i)`` (Lemma 1), and a step ``dw`` orthogonal to ``w(i)`` turns ``v(i)`` by ``dw / ||w(i)||``
+    to first order. Hence:
+
+    - ``psi-sgd``, ``psi-sgdm``: the Riemannian step of eq. 7 and 10, ``lr ||w||^2 G = lr ||w|| grad_v``,
+      turns ``v`` by ``lr grad_v``: the rate is ``lr``, whatever the norms (the point of the method).
+    - ``sgd``, ``sgdp``: the Euclidean step ``lr G = lr grad_v / ||w||`` turns ``v`` by
+      ``lr grad_v / ||w||^2``: the rate is ``lr / ||w(i)||^2``, which falls as the norms grow
+      (Lemma 1); given as ``lr * mean(1/||w(i)||^2)``, the order of operations the runs recorded.
+      SGDP removes the radial part of the step: that slows the growth of ``||w||``, not this rate.
+    - ``sgdg``: Cho and Lee keep every neuron at unit norm and step along the great circle by
+      ``lr h`` (``h``: the gradient's tangent part), so the rate is ``lr`` (``lr/||w||^2`` at
+      ``||w|| = 1``), less where the clip on ``h`` binds.
+    - ``adam``: its step divides the gradient by a running root mean square per coordinate, so its
+      length does not scale with the gradient: there is no rate per unit of gradient (NaN).
+
+    Momentum is left out everywhere (at a steady state it multiplies every rate by ``1/(1 - momentum)``).
+    """
+    if name not in EFFECTIVE_LR:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(EFFECTIVE_LR)}")
+    rule = EFFECTIVE_LR[name]
+    if rule == "lr/||w||^2":
+        return sqnorm.reciprocal().mean() * lr
+    return torch.full((), lr if rule == "lr" else float("nan"), dtype=sqnorm.dtype, device=sqnorm.device)
+
+
 def resolve(name: str, setting: str = "table1", *, lr: float | None = None, momentum: float | None = None,
             weight_decay: float | None = None, rest_lr: float | None = None, omega: float | None = None,
-            max_norm: float | None = 1e4) -> list[dict[str, Any]]:
+            max_norm: float | None = MAX_NORM) -> list[dict[str, Any]]:
     """The groups ``name`` runs under ``setting``, without their tensors: ``[{"name": ..., ...}]``
     with the method's group first (``"all"`` for ``sgd``/``sgdp``, else ``"psi"``, then ``"rest"``).
     See the module docstring for where each value comes from."""
@@ -161,7 +199,7 @@ class Combined(torch.optim.Optimizer):
 def build_optimizer(name: str, model: nn.Module, example_input: Any, setting: str = "table1", *,
                     lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
                     rest_lr: float | None = None, omega: float | None = None,
-                    max_norm: float | None = 1e4) -> torch.optim.Optimizer:
+                    max_norm: float | None = MAX_NORM) -> torch.optim.Optimizer:
     """The optimizer ``name`` for ``model`` under ``setting`` (:func:`resolve`; module docstring).
 
     Every optimizer gets the fewest parameter groups its hyperparameters allow, because on a

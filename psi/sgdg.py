@@ -3,13 +3,14 @@
 Written from "Riemannian approach to batch normalization" (NeurIPS 2017) and checked against its
 authors' code (github.com/MinhyungCho/riemannian-batch-normalization, TensorFlow, the code of
 their experiments, and its PyTorch port ``...-pytorch``: ``grassmann_optimizer.py``, ``gutils.py``;
-``tests/test_optim.py`` transcribes their update). Every neuron of a scale-invariant layer is kept
+``tests/test_sgdg.py`` transcribes their update). Every neuron of a scale-invariant layer is kept
 at unit norm (a point of the sphere, standing for its line). With ``g`` the Euclidean gradient
 plus, when ``omega > 0``, the orthogonality regularizer's ``2 omega (Y Y^T Y - Y)`` (the gradient
 of ``omega/2 ||Y Y^T - I||_F^2`` for the unit rows ``Y`` of *one layer*: their ``--omega``), ``h``
 its projection on the tangent space, clipped to norm ``grad_clip`` (their nu, ``--grad_clip 0.1``),
 the momentum ``d = beta * m - lr * h`` is followed along the great circle (the exponential map,
-:func:`psi.manifold.expmap` at unit norm) and parallel-transported to the new point:
+:func:`psi.manifold.expmap` at unit norm, written out here: see ``_grassmann_rows``) and
+parallel-transported to the new point:
 ``m <- d cos|d| - y |d| sin|d|``. Groups without ``psi=True`` take torch's SGD step, as in
 :class:`psi.PSISGD`. Their code differs in two things we do not copy: the PyTorch port rebuilds
 the optimizer at each learning-rate drop (its momentum restarts), and both renormalize the rows
@@ -59,7 +60,10 @@ class SGDG(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, grad_clip=grad_clip, omega=omega, weight_decay=weight_decay,
                         nesterov=nesterov, psi=False)
         super().__init__(groups, defaults)
-        with torch.no_grad():  # start on the manifold: unit-norm neurons (the function is unchanged under BN)
+        # Start on the manifold: unit-norm neurons (the function is unchanged under BN). This is
+        # psi.manifold.canonical(w) to rounding (tested), kept as written: canonical takes the root of
+        # vecdot(w, w), a different reduction than norm(), and changes the last bits of every SGDG run.
+        with torch.no_grad():
             for group in self.param_groups:
                 if group["psi"]:
                     for w in group["params"]:
@@ -136,6 +140,10 @@ def _grassmann_rows(y: Tensor, g: Tensor, m: Tensor, *, lr: float, momentum: flo
         d = m.mul_(momentum).addcmul_(h, clip, value=-lr)
     dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
     cos, sin = torch.cos(dn), torch.sin(dn)
-    new_y = (y * cos).addcmul_(d, sin / dn.clamp_min(1e-30))  # exponential map: y cos|d| + d/|d| sin|d|
+    # The exponential map y cos|d| + d/|d| sin|d|: psi.manifold.expmap(y, d) at unit rows, to rounding
+    # (tested). Written out because expmap projects d onto the tangent space again and divides by |y|
+    # (1 up to rounding): other bits, and more passes over the stacked rows.
+    new_y = (y * cos).addcmul_(d, sin / dn.clamp_min(1e-30))
     new_m = d.mul_(cos).addcmul_(y, dn * sin, value=-1)  # parallel transport of d: d cos|d| - y |d| sin|d|
-    return new_y.div_(torch.linalg.vector_norm(new_y, dim=1, keepdim=True)), new_m  # on the sphere despite rounding
+    # back on the sphere despite rounding: psi.manifold.canonical, in the arithmetic of __init__ (see there)
+    return new_y.div_(torch.linalg.vector_norm(new_y, dim=1, keepdim=True)), new_m

@@ -20,7 +20,7 @@ from . import manifold as M
 from .discovery import param_groups
 from .loop import steps_per_epoch, train_steps
 from .models import BNMLP
-from .optim import PSISGD
+from .psisgd import PSISGD
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -128,7 +128,7 @@ def figure1_model(reading: str, d_in: int, hidden: int, classes: int, seed: int 
         scales = (1e4, 1e4, 1e-4, 1e-4) if reading == "A" else (1e4,) * 4
         a = torch.tensor(scales).repeat_interleave(-(-hidden // 4))[:hidden]
         with torch.no_grad():
-            model.net[1].weight.copy_(M.rescale(model.net[1].weight, a))
+            model.first_linear.weight.copy_(M.rescale(model.first_linear.weight, a))
         return model
     if reading in ("C", "D"):
         model = nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import manifold as M
 from .discovery import param_groups
 from .loop import train_steps
-from .optim import PSIGD
+from .psisgd import PSIGD
 from .sgdg import SGDG
 
 __all__ = ["METHODS", "LABELS", "toy_regression", "small_images", "vg_grad_norm", "euclid_grad_norm",

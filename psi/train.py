@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,11 @@ from torch import Tensor, nn
 
 from . import data as D
 from .models import MODELS, build_model
-from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe
+from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effective_lr
+from .psisgd import MAX_NORM
 
-__all__ = ["Config", "run", "sweep", "lr_factor", "optimizer_for", "TrainingDiverged", "RunLocked", "lock_holder",
-           "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
+__all__ = ["Config", "configs_from_args", "run", "sweep", "lr_factor", "optimizer_for", "TrainingDiverged", "RunLocked",
+           "lock_holder", "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -76,42 +78,58 @@ class RunLocked(RuntimeError):
     """Another live process is working in this run folder; nothing was changed."""
 
 
+def _field(default: Any, help: str, **cli: Any) -> Any:
+    """A :class:`Config` field and its command line: ``help`` and argparse's ``choices``, ``sweep``
+    (one or more values: a sweep), ``cli=False`` (not an option)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class Config:
     """Everything that defines a run. ``setting`` names the paper's conditions (``table1``: no
     regularizer; ``table2``: L2 / SGDG's orthogonality term; ``tuned``: table1's with a selected
     ``lr``; see :mod:`psi.optimizers`); ``lr=None`` etc. take the setting's value; ``amp``,
-    ``channels_last`` and ``compile`` left at auto take the device's best (see :meth:`resolved`)."""
+    ``channels_last`` and ``compile`` left at auto take the device's best (see :meth:`resolved`).
+    Each field's help is its command-line option's (:func:`_parser` is made from these)."""
 
-    dataset: str = "cifar10"
-    model: str = "resnet20"
-    optimizer: str = "psi-sgdm"
-    setting: str = "table1"
-    epochs: int = 200
-    batch_size: int = 128
-    seed: int = 0
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    rest_lr: float | None = None
-    omega: float | None = None  # SGDG's orthogonality regularizer (None: the setting's)
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
-    gamma: float = 0.2
-    warmup_epochs: float = 0.0
-    subset: int | None = None
-    val_size: int = 0
-    eval_every: int = 1  # evaluate after every k-th epoch and after the last; 0: after the last only
-    max_norm: float | None = 1e4
-    bn_split: int = 1
-    amp: str = "auto"  # auto: bf16 on CUDA, none on the CPU
-    channels_last: bool | None = None  # None: on for CUDA
-    compile: bool | None = None  # None: on for CUDA in a single process
-    deterministic: bool = False  # torch's deterministic algorithms (bitwise resume on CUDA, slower)
-    device: str = "cpu"
-    data_dir: str | None = None
-    out: str = "runs"
-    progress: bool = True
+    dataset: str = _field("cifar10", "the dataset", choices=D.DATASETS)
+    model: str = _field("resnet20", "the network (one or more: a sweep)", choices=tuple(MODELS), sweep=True)
+    optimizer: str = _field("psi-sgdm", "the method (one or more: a sweep)", choices=OPTIMIZERS, sweep=True)
+    setting: str = _field("table1", "table1: no regularizer (Table 1); table2: L2 5e-4 in the loss, SGDG's "
+                          "orthogonality omega 0.1 (supplement Table 2); tuned: table1 with the --lr a selection "
+                          "chose (psi.optimizers says where every value comes from)", choices=SETTINGS)
+    epochs: int = _field(200, "training epochs (the paper: 200 on CIFAR)")
+    batch_size: int = _field(128, "training batch (the paper: 128)")
+    seed: int = _field(0, "initial weights, batches and augmentation (one or more: a sweep)", sweep=True)
+    lr: float | None = _field(None, "learning rate of the named method's group (default: Table 3's)")
+    momentum: float | None = _field(None, "momentum of the named method's group (default: the setting's)")
+    weight_decay: float | None = _field(None, "L2 of the named method's group (default: the setting's)")
+    rest_lr: float | None = _field(None, "learning rate of the parameters that are not scale-invariant (default 0.1)")
+    omega: float | None = _field(None, "SGDG's orthogonality regularizer (default: the setting's)")
+    schedule: str = _field("step", "step: x gamma at the milestones (the paper: x0.2 at 60/120/160 of 200 epochs)",
+                           choices=SCHEDULES)
+    milestones: tuple[float, ...] = _field((0.3, 0.6, 0.8), "the step schedule's milestones, as fractions of the "
+                                           "epochs")
+    gamma: float = _field(0.2, "the step schedule's factor at each milestone")
+    warmup_epochs: float = _field(0.0, "linear warm-up of the learning rate over this many epochs")
+    subset: int | None = _field(None, "a fixed class-balanced subset of N training images (default: all)")
+    val_size: int = _field(0, "hold out N training images as a validation split, evaluated instead of the test set")
+    eval_every: int = _field(1, "evaluate after every k-th epoch and after the last (0: the last only; a test pass "
+                             "costs about a third of a training pass per image)")
+    max_norm: float | None = _field(MAX_NORM, "PSI-SGD(M)'s overflow safeguard (section 6.2, p. 1135)")
+    bn_split: int = _field(1, "BatchNorm statistics over N slices of each batch (what N processes compute without "
+                           "SyncBatchNorm, which needs CUDA)")
+    amp: str = _field("auto", "mixed precision (autocast): auto = bf16 on CUDA (pass fp16 on GPUs older than "
+                      "Ampere), none on the CPU", choices=AMP_MODES)
+    channels_last: bool | None = _field(None, "channels-last memory format (default: on for CUDA)")
+    compile: bool | None = _field(None, "torch.compile the model, and the step of sgd/psi-sgd/psi-sgdm (default: on "
+                                  "for CUDA in one process; refused under torchrun)")
+    deterministic: bool = _field(False, "torch's deterministic algorithms: on CUDA a resumed run then equals an "
+                                 "uninterrupted one bit for bit (slower; the CPU is deterministic anyway)")
+    device: str = _field("cpu", "cpu, cuda, cuda:1, ... (under torchrun: cuda means cuda:$LOCAL_RANK)")
+    data_dir: str | None = _field(None, "folder with the dataset (default $PSI_DATA, else ./data)")
+    out: str = _field("runs", "folder for run folders")
+    progress: bool = _field(True, "progress bar and per-epoch lines (--quiet: none)", cli=False)
 
     def validate(self) -> None:
         checks = [("dataset", self.dataset, D.DATASETS), ("model", self.model, tuple(MODELS)),
@@ -163,12 +181,14 @@ class Config:
 
 
 def lr_factor(cfg: Config, t: float) -> float:
-    """The schedule's multiplier at fractional epoch ``t``: the paper's steps (x0.2 at 30%, 60%,
-    80% of training), cosine or constant, after an optional linear warm-up."""
+    """The schedule's multiplier at fractional epoch ``t`` (it is set every step): the paper's steps
+    (x0.2 at 30%, 60%, 80% of training: epochs 60/120/160 of 200), cosine or constant, after an
+    optional linear warm-up. A milestone that falls inside an epoch (30% of 1 or 3 epochs) takes
+    effect at that step, not at an epoch boundary; at whole-epoch milestones the two agree."""
     if cfg.warmup_epochs and t < cfg.warmup_epochs:
         return (t + 1e-9) / cfg.warmup_epochs
-    if cfg.schedule == "step":
-        return cfg.gamma ** sum(int(t) >= round(m * cfg.epochs) for m in cfg.milestones)
+    if cfg.schedule == "step":  # round(): 0.6 * 10 must be epoch 6 exactly, not 6.000000000000001
+        return cfg.gamma ** sum(t >= round(m * cfg.epochs, 9) for m in cfg.milestones)
     if cfg.schedule == "cosine":
         w = cfg.warmup_epochs
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / max(cfg.epochs - w, 1e-9))))
@@ -353,9 +373,8 @@ def _set_determinism(cfg: Config, device: torch.device) -> None:
 
 
 def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, dict[str, float]]:
-    """Per scale-invariant layer: neuron norm mean/min/max and the effective learning rate (the
-    step on the unit sphere per unit of gradient): lr for PSI methods and SGDG (unit norms),
-    the mean over neurons of lr/||w||^2 for Euclidean SGD/SGDP, undefined (NaN) for Adam.
+    """Per scale-invariant layer: neuron norm mean/min/max and the effective learning rate
+    (:func:`psi.optimizers.effective_lr`, which says why each method gets its rule).
     One host read for all layers (once per epoch)."""
     layers = getattr(opt, "psi_layers", None)
     if layers is None:  # an optimizer built without the side table: per-layer groups carry the name
@@ -368,15 +387,11 @@ def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, di
         w = tensors[0].detach()
         sq = w.reshape(w.shape[0], -1).square().sum(1).double()
         norms = sq.sqrt()
-        rows.append(torch.stack([norms.mean(), norms.min(), norms.max(), sq.reciprocal().mean()]))
-    values = torch.stack(rows).tolist()
-    out = {}
-    for (name, tensors), (mean, lo, hi, inv_sq) in zip(layers.items(), values, strict=True):
         lr = float(lr_of[id(tensors[0])])  # a float, or a CPU tensor (compiled steps): no device read
-        eff = lr if optimizer in ("psi-sgd", "psi-sgdm", "sgdg") else lr * inv_sq if optimizer in ("sgd", "sgdp") \
-            else float("nan")
-        out[name] = {"norm_mean": mean, "norm_min": lo, "norm_max": hi, "eff_lr": eff}
-    return out
+        rows.append(torch.stack([norms.mean(), norms.min(), norms.max(), effective_lr(optimizer, lr, sq)]))
+    values = torch.stack(rows).tolist()
+    return {name: {"norm_mean": mean, "norm_min": lo, "norm_max": hi, "eff_lr": eff}
+            for name, (mean, lo, hi, eff) in zip(layers, values, strict=True)}
 
 
 @torch.inference_mode()
@@ -626,56 +641,44 @@ def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dat
 
 # -- command line ----------------------------------------------------------------------------
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The command line, made from :class:`Config`'s fields (help, choices, defaults; ``sweep``
+    fields take one or more values), plus what is not a run's: ``--threads``, ``--shard``, ``--quiet``."""
     ap = argparse.ArgumentParser(prog="python -m psi.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    ap.add_argument("--dataset", default=d.dataset, choices=D.DATASETS)
-    ap.add_argument("--model", nargs="+", default=[d.model], choices=list(MODELS), help="one or more (a sweep)")
-    ap.add_argument("--optimizer", nargs="+", default=[d.optimizer], choices=OPTIMIZERS, help="one or more")
-    ap.add_argument("--seed", nargs="+", type=int, default=[d.seed], help="one or more")
-    ap.add_argument("--epochs", type=int, default=d.epochs)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--setting", default=d.setting, choices=SETTINGS,
-                    help="table1: no regularizer (Table 1); table2: L2 5e-4 in the loss, SGDG's orthogonality "
-                         "omega 0.1 (supplement Table 2); tuned: table1 with the --lr a selection chose "
-                         "(psi.optimizers says where every value comes from)")
-    ap.add_argument("--lr", type=float, help="learning rate of the named method (default: Table 3's)")
-    ap.add_argument("--rest-lr", type=float, help="learning rate of the non-PSI parameters (default 0.1)")
-    ap.add_argument("--momentum", type=float)
-    ap.add_argument("--weight-decay", type=float, help="L2 of the named method's group (default: the setting's)")
-    ap.add_argument("--omega", type=float, help="SGDG's orthogonality regularizer (default: the setting's)")
-    ap.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                    help="step: x0.2 at 30/60/80%% of the epochs (the paper's 60/120/160 of 200)")
-    ap.add_argument("--warmup-epochs", type=float, default=0.0)
-    ap.add_argument("--subset", type=int, help="a fixed class-balanced subset of N training images")
-    ap.add_argument("--val-size", type=int, default=0,
-                    help="hold out N training images as a validation split, evaluated instead of the test set")
-    ap.add_argument("--eval-every", type=int, default=d.eval_every,
-                    help="evaluate after every k-th epoch and after the last (0: the last only; a test pass "
-                         "costs about a third of a training pass per image)")
-    ap.add_argument("--bn-split", type=int, default=1,
-                    help="BatchNorm statistics over N slices of each batch (what N processes compute without "
-                         "SyncBatchNorm, which needs CUDA)")
-    ap.add_argument("--max-norm", type=float, default=d.max_norm, help="PSI overflow safeguard (section 6.2)")
-    ap.add_argument("--data-dir", help="folder with the dataset (default $PSI_DATA, else ./data)")
-    ap.add_argument("--out", default=d.out, help="folder for run folders")
-    ap.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    ap.add_argument("--amp", default="auto", choices=AMP_MODES,
-                    help="mixed precision (autocast): auto = bf16 on CUDA (pass fp16 on GPUs older than Ampere), "
-                         "none on the CPU")
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                    help="channels-last memory format (default: on for CUDA)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the model, and the step of sgd/psi-sgd/psi-sgdm (default: on for CUDA in "
-                         "one process; refused under torchrun)")
-    ap.add_argument("--deterministic", action="store_true",
-                    help="torch's deterministic algorithms: on CUDA a resumed run then equals an uninterrupted one "
-                         "bit for bit (slower; the CPU is deterministic anyway)")
+    for f in fields(Config):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind = f.type.removesuffix(" | None")
+        kw: dict[str, Any] = {"help": meta["help"], "default": f.default}
+        if "choices" in meta:
+            kw["choices"] = list(meta["choices"])
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("tuple"):
+            kw.update(type=float, nargs="+")
+        else:
+            kw["type"] = _TYPES[kind]
+            if meta.get("sweep"):
+                kw.update(nargs="+", default=[f.default])
+        ap.add_argument("--" + f.name.replace("_", "-"), **kw)
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--shard", default="1/1", help="k/n: run only the k-th of n slices of the sweep")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     return ap
+
+
+def configs_from_args(a: argparse.Namespace) -> list[Config]:
+    """The runs a command line names: every combination of its sweep fields (model x optimizer x seed)."""
+    given = {f.name: getattr(a, f.name) for f in fields(Config) if f.metadata.get("cli", True)}
+    given["milestones"] = tuple(given["milestones"])
+    sweeps = [f.name for f in fields(Config) if f.metadata.get("sweep")]
+    return [Config(**{**given, **dict(zip(sweeps, combo, strict=True))}, progress=not a.quiet)
+            for combo in itertools.product(*(given[n] for n in sweeps))]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -691,15 +694,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device is visible to torch {torch.__version__}")
-    configs = [Config(dataset=a.dataset, model=m, optimizer=o, setting=a.setting, seed=s, epochs=a.epochs,
-                      batch_size=a.batch_size, lr=a.lr, rest_lr=a.rest_lr, momentum=a.momentum,
-                      weight_decay=a.weight_decay, omega=a.omega,
-                      schedule=a.schedule, warmup_epochs=a.warmup_epochs, subset=a.subset, val_size=a.val_size,
-                      eval_every=a.eval_every,
-                      max_norm=a.max_norm, bn_split=a.bn_split, data_dir=a.data_dir, out=a.out, device=a.device, amp=a.amp,
-                      channels_last=a.channels_last, compile=a.compile, deterministic=a.deterministic,
-                      progress=not a.quiet)
-               for m in a.model for o in a.optimizer for s in a.seed]
+    configs = configs_from_args(a)
     try:
         for c in configs:
             c.validate()

@@ -65,6 +65,19 @@ def test_official_format(tmp_path, name, tar):
     assert ds.source.endswith(".tar.gz") == tar
 
 
+def test_the_official_archive_is_closed_once_read(tmp_path, monkeypatch):
+    _write_official(tmp_path, "cifar10", tar=True)
+    opened, real_open = [], tarfile.open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(D.tarfile, "open", spy)
+    D.load_dataset("cifar10", tmp_path, download=False)
+    assert opened and all(t.closed for t in opened)
+
+
 @pytest.mark.parametrize("as_tar", [None, "some-name.tar.gz"])
 def test_image_tree_keeps_official_order_and_is_cached(tmp_path, monkeypatch, as_tar):
     monkeypatch.setenv("PSI_CACHE", str(tmp_path / "cache"))

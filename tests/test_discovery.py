@@ -1,4 +1,5 @@
-"""Discovery: every scale-invariant layer, nothing else (issue: psi core, item 2)."""
+"""Discovery: every scale-invariant layer, nothing else (the symmetry of section 3.1 of the paper, p. 1130:
+``L(W, g) = L(T_a(W), g)`` for per-neuron factors ``a > 0``)."""
 
 import pytest
 import torch
@@ -7,6 +8,9 @@ from torch import nn
 import psi
 from psi.models import BNMLP, ToyNet, resnet20
 from tests.nets import DenseSE, Mixed, PreActBlockNet, ResidualNoBN
+
+# BNMLP's layers: net = [Flatten, Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d, ReLU, ..., classifier]
+FIRST_LINEAR, FIRST_BN = 1, 2
 
 
 def test_mixed_network():
@@ -43,7 +47,7 @@ def test_resnet20_all_convs_but_not_classifier():
 def test_zero_init_does_not_fool_the_check():
     m = BNMLP(5, [7, 7], 3)
     nn.init.zeros_(m.net[-1].weight)  # a zero classifier must still be rejected
-    m.net[2].weight.data.zero_()  # BN scale 0: the layer before stays invariant, the network still depends
+    m.net[FIRST_BN].weight.data.zero_()  # BN scale 0: the layer before stays invariant, the network still depends
     assert psi.find_scale_invariant(m, torch.randn(6, 5)) == ["net.1", "net.4"]
 
 
@@ -60,7 +64,7 @@ def test_toy_net_and_model_unchanged():
 
 def test_frozen_layer_is_reported_but_not_optimized():
     m = BNMLP(5, [7, 7], 3)
-    m.net[1].weight.requires_grad_(False)
+    m.net[FIRST_LINEAR].weight.requires_grad_(False)
     x = torch.randn(6, 5)
     assert psi.find_scale_invariant(m, x) == ["net.1", "net.4"]
     assert [g["name"] for g in psi.param_groups(m, x) if g["psi"]] == ["net.4"]

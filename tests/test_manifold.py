@@ -1,4 +1,5 @@
-"""Each manifold operation against its definition (PAPER.md section 2)."""
+"""Each manifold operation against its definition in section 4 of the paper (pp. 1130-1131): Definition 1,
+the metric (6) of Proposition 2, the Riemannian gradient (7), the retraction (8) of Proposition 3."""
 
 import math
 

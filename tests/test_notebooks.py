@@ -1,6 +1,7 @@
 """The notebooks: committed clean, parameterized, and run end to end by run_all.sh (smoke profile)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,34 @@ def test_theory_notebooks_print_their_findings_and_keep_experiments_in_psi(smoke
     assert all(k in last for k in THEORY[stem]), last  # the closing "what we saw" cell, computed from the runs
     source = "".join("".join(c["source"]) for c in code)
     assert ".backward()" not in source and ".step()" not in source  # training loops live in psi (psi.loop)
+
+
+def _closing(out: Path, stem: str) -> str:
+    nb = json.loads((out / "executed" / f"{stem}.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    return "".join("".join(o["text"]) for o in code[-1].get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in the notebook's closing cell:\n{text}"
+    return float(m.group(1))
+
+
+def test_the_key_numbers_the_theory_notebooks_print(smoke):
+    """What each theory notebook claims, read from its executed copy: the numbers, not their presence."""
+    out, _ = smoke
+    n01, n02, n03 = (_closing(out, s) for s in THEORY)
+    assert _number(r"moved the outputs by (\S+) with eps = 1e-30", n01) < 1e-9  # invariance (eps 1e-30)
+    assert abs(_number(r"has slope (\S+) on log-log axes", n01) + 1) < 0.05  # eq. 5's 1/a law
+    assert _number(r"PSI-SGD's at most (\S+) rad", n01) < 1e-9  # Theorem 1: PSI-SGD never leaves its class
+    assert _number(r"SGD's two copies are (\S+) rad apart", n01) > 1e-3  # ... while SGD's copies drift
+    assert _number(r"Eq\. \(7\): .*? differ by at most (\S+) \(relative\)", n02) < 1e-9
+    assert _number(r"gap grows as t\^(\S+) ", n02) == pytest.approx(3, abs=0.2)  # retraction: second order
+    assert _number(r"per-neuron increments of \|\|w\|\|\^2 was \S+, (\d+) were negative", n02) == 0  # Lemma 1
+    slope, predicted = (_number(p, n03) for p in (r"Control: GD on linear least squares falls (\S+) decades",
+                                                  r"predicts (\S+)\)"))
+    assert slope == pytest.approx(predicted, rel=0.25)  # the rate measure finds a known geometric fall
 
 
 def test_rerun_reuses_finished_runs(smoke):

@@ -61,7 +61,7 @@ def test_before_step_sees_the_gradient_before_the_step_and_steps_are_taken():
     x, y = _data()
     torch.manual_seed(0)
     model = BNMLP(6, [4], 3).double()
-    w = model.net[1].weight
+    w = model.first_linear.weight
     seen = []
     start = w.detach().clone()
     steps = list(train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 3, None,
@@ -274,9 +274,9 @@ def test_eps_breaks_the_symmetry_below_the_threshold_only():
 def test_figure1_readings():
     for r in ("A", "B"):
         m = S.figure1_model(r, 6, 8, 3)
-        norms = M.sqnorms(m.net[1].weight.detach()).sqrt()
+        norms = M.sqnorms(m.first_linear.weight.detach()).sqrt()
         torch.manual_seed(0)
-        base = M.sqnorms(BNMLP(6, [8], 3).net[1].weight.detach()).sqrt()
+        base = M.sqnorms(BNMLP(6, [8], 3).first_linear.weight.detach()).sqrt()
         expected = torch.tensor([1e4, 1e4, 1e-4, 1e-4] if r == "A" else [1e4] * 4).repeat_interleave(2)
         assert torch.allclose(norms / base, expected, rtol=1e-5)
     c = S.figure1_model("C", 6, 8, 3)

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import psi
 from psi import models, train
 from psi.optimizers import OPTIMIZERS, build_optimizer
-from psi.sgdg import SGDG
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
@@ -48,19 +46,6 @@ def test_every_optimizer_trains(name):
     opt.load_state_dict(opt.state_dict())
 
 
-def test_sgdg_stays_on_the_sphere_and_is_invariant():
-    torch.manual_seed(0)
-    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    opt = SGDG([{"params": [w], "psi": True}], lr=0.2)
-    for _ in range(5):
-        w.grad = torch.randn_like(w)
-        opt.step()
-    torch.testing.assert_close(w.detach().norm(dim=1), torch.ones(6, dtype=torch.float64))
-    # the transported momentum is tangent at the new point
-    m = opt.state[w]["momentum"]
-    assert (m * w.detach()).sum(1).abs().max() < 1e-12
-
-
 def test_run_files_and_reuse(tmp_path):
     cfg = train.Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50,
                        subset=300, out=str(tmp_path), progress=False)
@@ -85,6 +70,30 @@ def test_schedules():
     cos = train.Config(epochs=10, schedule="cosine", warmup_epochs=2)
     assert train.lr_factor(cos, 1.0) == pytest.approx(0.5) and train.lr_factor(cos, 2.0) == pytest.approx(1.0)
     assert train.lr_factor(cos, 10.0) == pytest.approx(0.0, abs=1e-12)
+    # a milestone inside an epoch acts at its step (30% of one epoch), not at the next epoch boundary
+    one = train.Config(epochs=1)
+    assert [train.lr_factor(one, t) for t in (0.0, 0.29, 0.3, 0.6, 0.79, 0.8)] == pytest.approx(
+        [1, 1, 0.2, 0.04, 0.04, 0.008])
+    ten = train.Config(epochs=10)  # 0.6 * 10 is 6.000000000000001 in floating point: still epoch 6
+    assert train.lr_factor(ten, 6.0) == pytest.approx(0.04) and train.lr_factor(ten, 5.999) == pytest.approx(0.2)
+
+
+def test_the_command_line_is_made_from_config():
+    from dataclasses import fields, replace
+
+    ap = train._parser()
+    dests = {a.dest for a in ap._actions}
+    assert {f.name for f in fields(train.Config) if f.metadata.get("cli", True)} | {"threads", "shard", "quiet"} \
+        <= dests
+    assert all(f.metadata.get("help") for f in fields(train.Config))  # every field says what it is
+    a = ap.parse_args(["--milestones", "0.5", "0.9", "--gamma", "0.1", "--model", "resnet20", "smallcnn",
+                       "--seed", "3", "4", "--no-compile", "--quiet", "--eval-every", "0"])
+    cs = train.configs_from_args(a)
+    assert [(c.model, c.seed) for c in cs] == [("resnet20", 3), ("resnet20", 4), ("smallcnn", 3), ("smallcnn", 4)]
+    c = cs[0]
+    assert (c.milestones, c.gamma, c.compile, c.progress, c.eval_every) == ((0.5, 0.9), 0.1, False, False, 0)
+    assert train.lr_factor(c, 0.6 * c.epochs) == pytest.approx(0.1)  # the milestones the command line gave
+    assert train.configs_from_args(ap.parse_args([])) == [replace(train.Config(), progress=True)]  # Config's defaults
 
 
 def _cli(*args, env=None, **kw):
@@ -179,10 +188,6 @@ def test_two_processes_equal_one(tmp_path):
     tb = [r["train_loss"] for r in _metrics(tmp_path / "one")]
     assert ta == pytest.approx(tb, rel=1e-5)
     assert json.loads(next((tmp_path / "ddp").glob("*/summary.json")).read_text())["world_size"] == 2
-
-
-def test_param_groups_of_the_models_exist():
-    assert len(psi.find_scale_invariant(models.resnet20(), torch.randn(4, 3, 32, 32))) == 19
 
 
 @pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--no-compile"]],

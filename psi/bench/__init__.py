@@ -3,7 +3,7 @@
     python -m psi.bench optimizer [--models resnet56 resnet18] [--steps 50] [--device cpu] [--no-compile]
     python -m psi.bench ops       [--models resnet56 resnet20]   (default resnet56)
     python -m psi.bench epoch     [--models resnet56] [--images 384] [--rounds 5] [--threads 2]
-    python -m psi.bench engine    (see psi.train_bench)
+    python -m psi.bench engine    (see psi.bench.engine)
 
 ``optimizer``: the cost of one ``step()`` on a network's parameters, gradients set at random
 (the step does not look at where they came from), one thread on the CPU. ``psi.PSISGD``
@@ -269,17 +269,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=384, help="epoch: images per timed round (batches of 128)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["engine"]:  # its own options (--models, --device, ... mean other things there)
-        from psi.train_bench import main as engine_main
+        from psi.bench.engine import main as engine_main
 
-        return engine_main(argv[1:])
+        engine_main(argv[1:])
+        return
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "ops":
-        return print_ops(args.models or ["resnet56"])
+        print_ops(args.models or ["resnet56"])
+        return
     device = torch.device(args.device)
     if args.what == "epoch":
         print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
-        return print_epoch(args.models or ["resnet56"], args.images, args.rounds or 5, device)
+        print_epoch(args.models or ["resnet56"], args.images, args.rounds or 5, device)
+        return
     args.rounds = args.rounds or 15
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s); "
           f"median of {args.rounds} rounds x {args.steps} steps")
@@ -291,7 +294,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {'optimizer':<30} {'ms/step':>9} {'/ torch SGD':>12}")
         for k, v in res.items():
             print(f"  {k:<30} {v * 1e3:9.3f} {v / base:12.2f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -17,14 +17,30 @@ follow torch's SGD.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
-__all__ = ["PSISGD", "PSIGD", "psi_sgd"]
+__all__ = ["PSISGD", "PSIGD", "psi_sgd", "MAX_NORM"]
+
+# The overflow safeguard of section 6.2 (p. 1135): "we normalize the PSI weights w(i) if ||w(i)|| is
+# larger than 10000 during training". The default of PSISGD, psi.optimizers and psi.train.Config.
+MAX_NORM = 1e4
+
+
+class _Gathered(NamedTuple):
+    """What a step collects from its groups (as torch's SGD's ``_init_group`` does), field by field:
+    the tensors with a gradient, their gradients, their momentum buffers (only with momentum;
+    ``None`` where none exists yet) and, for psi groups, the label of each tensor's neuron set
+    (tensors with the same label share their neurons: :func:`psi_sgd`'s ``neuron_sets``)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    bufs: list[Tensor | None]
+    neuron_sets: list[int]
 
 
 class PSISGD(Optimizer):
@@ -60,7 +76,7 @@ class PSISGD(Optimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        max_norm: float | None = 1e4,
+        max_norm: float | None = MAX_NORM,
         *,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -89,13 +105,15 @@ class PSISGD(Optimizer):
         super().add_param_group(param_group)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    bufs: list[Tensor | None], neuron_sets: list[int], first_label: int = 0) -> bool:
-        """Collect the tensors with a gradient (as torch's SGD does); for psi groups, label
-        their neurons: a 1-D tensor right after a weight with as many neurons is its bias and
-        shares its neurons, every other tensor has its own."""
+                    bufs: list[Tensor | None], neuron_sets: list[int]) -> bool:
+        """Append the group's tensors with a gradient to the lists of a :class:`_Gathered` (as torch's
+        SGD does) and label their neurons, continuing after the last label there: a 1-D tensor right
+        after a weight with as many neurons is its bias and shares its neurons, every other tensor has
+        its own. The lists come as separate arguments, as in torch's optimizers: given empty lists,
+        ``torch.compile`` runs this eagerly instead of tracing it. Returns whether a gradient is sparse."""
         has_sparse_grad = False
         momentum = group["momentum"] != 0
-        label, last = first_label - 1, None
+        label, last = (neuron_sets[-1] if neuron_sets else -1), None
         for p in group["params"]:
             if not (last is not None and p.dim() == 1 and last.dim() > 1 and last.shape[0] == p.shape[0]):
                 label += 1
@@ -128,42 +146,30 @@ class PSISGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets: dict[tuple, tuple[list, list, list, list]] = {}
-        state = self.state
+        buckets: dict[tuple, _Gathered] = {}
         for group in self.param_groups:
-            if group["psi"]:
-                b = buckets.setdefault(_psi_hyper(group), ([], [], [], []))
-                label = b[3][-1] + 1 if b[3] else 0
-                if len(group["params"]) == 1:  # the usual layout: one weight per group, inlined
-                    p = group["params"][0]
-                    if p.grad is not None:
-                        if p.grad.is_sparse:
-                            raise RuntimeError("PSISGD does not support sparse gradients in a psi group")
-                        b[0].append(p), b[1].append(p.grad), b[3].append(label)
-                        if group["momentum"] != 0:
-                            s = state.get(p)
-                            b[2].append(None if s is None else s.get("momentum_buffer"))
-                else:
-                    self._init_group(group, *b, first_label=label)
+            if group["psi"]:  # gathered into the bucket of its hyperparameters, stepped below
+                bucket = buckets.get(key := _psi_hyper(group))
+                if bucket is None:
+                    bucket = buckets[key] = _Gathered([], [], [], [])
+                self._init_group(group, *bucket)
                 continue
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            bufs: list[Tensor | None] = []
-            has_sparse_grad = self._init_group(group, params, grads, bufs, [])
+            gathered = _Gathered([], [], [], [])
+            has_sparse_grad = self._init_group(group, *gathered)
             foreach = group["foreach"]
-            _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                       lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                       maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
+            _torch_sgd(gathered.params, gathered.grads, gathered.bufs, weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
                        foreach=not has_sparse_grad if foreach is None else foreach,
                        fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
                        found_inf=getattr(self, "found_inf", None))
-            self._store(params, bufs)
-        for key, (params, grads, bufs, neuron_sets) in buckets.items():
+            self._store(gathered.params, gathered.bufs)
+        for key, bucket in buckets.items():
             hyper = dict(zip(_PSI_KEYS, key, strict=True))
-            created = bufs and any(b is None for b in bufs)
-            psi_sgd(params, grads, bufs, neuron_sets=neuron_sets, **hyper)
+            created = bucket.bufs and any(b is None for b in bucket.bufs)
+            psi_sgd(bucket.params, bucket.grads, bucket.bufs, neuron_sets=bucket.neuron_sets, **hyper)
             if created:
-                self._store(params, bufs)
+                self._store(bucket.params, bucket.bufs)
         return loss
 
     def _store(self, params: list[Tensor], bufs: list[Tensor | None]) -> None:
@@ -228,7 +234,11 @@ def psi_sgd(
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay) if foreach else \
             [g.add(w, alpha=weight_decay) for g, w in zip(grads, params, strict=True)]
-    # the gradient's factor -lr ||w(i)||^2 (eq. 7, 10) and the safeguard's factor (1 or 1/||w(i)||)
+    # the gradient's factor -lr ||w(i)||^2 (eq. 7, 10) and the safeguard's factor (1 or 1/||w(i)||).
+    # flat_sq is psi.manifold.sqnorms, and with momentum 0 the step is
+    # manifold.retr(W, -lr * manifold.egrad2rgrad(W, G)), both to rounding (tests/test_optim.py ties
+    # them); written as the square of vector_norm and fused here: other bits than sqnorms' vecdot,
+    # and the arithmetic every recorded run used.
     sizes = [w.shape[0] for w in params]
     flat_sq = torch.cat([torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim()))) if w.dim() > 1 else w.abs()
                          for w in params]).square()

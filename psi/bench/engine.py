@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from .models import build_model
-from .optimizers import build_optimizer
-from .train import DISCOVERY_EXAMPLES, Config, run
+from .. import data as D
+from ..models import build_model
+from ..optimizers import build_optimizer
+from ..train import DISCOVERY_EXAMPLES, Config, run
 
 
 def bare_loop(ds: D.Dataset, cfg: Config) -> list[float]:

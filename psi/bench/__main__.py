@@ -1,0 +1,5 @@
+"""``python -m psi.bench optimizer|ops|epoch|engine``: see :mod:`psi.bench`."""
+
+from psi.bench import main
+
+main()
