@@ -58,7 +58,11 @@ def test_run_files_and_reuse(tmp_path):
               "eval_seconds"):
         assert all(k in r for r in rows)
     assert set(rows[0]["psi_layers"]) == {"features.0", "features.4"}
-    assert rows[0]["psi_layers"]["features.0"]["eff_lr"] == pytest.approx(0.1)
+    # PSI-SGDM's effective rate is its lr at the epoch's last step (6 steps of 50 images): the first
+    # milestone, 30% of 2 epochs = step 3.6, falls inside epoch 0, so 0.1 x 0.2 (the lr at its start is 0.1)
+    assert rows[0]["lr"] == pytest.approx(0.1)
+    assert train.lr_factor(cfg, 5 / 6) == pytest.approx(0.2)
+    assert rows[0]["psi_layers"]["features.0"]["eff_lr"] == pytest.approx(0.02)
     mtime = (d / "summary.json").stat().st_mtime_ns
     assert train.run(cfg) == s and (d / "summary.json").stat().st_mtime_ns == mtime  # not run again
 
