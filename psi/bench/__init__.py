@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one process, reported as ratios.
 
-    python -m psi.bench optimizer [--models resnet56 resnet18] [--steps 50] [--device cpu] [--no-compile]
+    python -m psi.bench optimizer [--models resnet56 cifar_resnet18] [--steps 50] [--device cpu] [--no-compile]
     python -m psi.bench ops       [--models resnet56 resnet20]   (default resnet56)
     python -m psi.bench epoch     [--models resnet56] [--images 384] [--rounds 5] [--threads 2]
     python -m psi.bench engine    (see psi.bench.engine)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m psi.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["optimizer", "ops", "epoch", "engine"])
-    ap.add_argument("--models", nargs="+", default=None, help="default: resnet56 resnet18 (optimizer), resnet56 (ops)")
+    ap.add_argument("--models", nargs="+", default=None, help="default: resnet56 cifar_resnet18 (optimizer), resnet56 (ops)")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
     ap.add_argument("--rounds", type=int, help="timed rounds (default: 15; epoch: 5)")
     ap.add_argument("--device", default="cpu")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     args.rounds = args.rounds or 15
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s); "
           f"median of {args.rounds} rounds x {args.steps} steps")
-    for name in args.models or ["resnet56", "resnet18"]:
+    for name in args.models or ["resnet56", "cifar_resnet18"]:
         res = bench_optimizer(name, args.steps, args.rounds, device, not args.no_compile)
         n = sum(p.numel() for p in build_model(name).parameters())
         base = res["torch SGD (foreach)"]
