@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Runs the notebooks in order with papermill: ./run_all.sh [options]
 #
-#   --profile smoke|quick|paper  smoke: CPU, minutes, synthetic CIFAR (what the tests run)
+#   --profile smoke|quick|paper|imagenet
+#                                smoke: CPU, minutes, synthetic CIFAR (what the tests run)
 #                                quick (default): a 2-core CPU in 30-45 min, real CIFAR-10 subset
 #                                paper: the paper's CIFAR grid for GPUs (use --gpus, or --shard)
+#                                imagenet: Table 1's ImageNet rows (ResNet-18/34/50, 100 epochs,
+#                                3 seeds) for GPUs; --data-dir holds ILSVRC-2012 (train/, val/)
 #   --device DEV                 cpu (default; cuda with --gpus), cuda, cuda:1, ...
 #   --data-dir DIR               dataset folder (default: $PSI_DATA, else ./data)
 #   --out DIR                    results folder (default: results/<profile>); executed notebooks,
 #                                figures and run folders go there; re-running reuses finished runs
-#   --shard k/n                  only the k-th of n slices of the CIFAR runs: with n > 1 only
+#   --shard k/n                  only the k-th of n slices of the training runs: with n > 1 only
 #                                notebook 04 runs (executed copy, log and figures named
 #                                04_cifar.shard-k-of-n); shards may share --out and run at once;
 #                                when all are done, a plain run with the same --out finishes the rest
@@ -17,10 +20,11 @@
 #                                table, tests and verdict to DIR
 #   --only NN                    run only the notebooks whose name starts with NN (e.g. 04)
 #
-# The CIFAR runs on many GPUs or CPU workers (python -m psi.grid run, before the notebooks;
+# The training runs on many GPUs or CPU workers (python -m psi.grid run, before the notebooks;
 # notebook 04 then reads the finished runs back):
 #   --gpus 0,1,...               one worker per GPU (x --runs-per-gpu), each seeing only its GPU
 #   --runs-per-gpu N             workers per GPU (default 1; start NVIDIA MPS for N > 1)
+#   --procs-per-run N            each run data-parallel (torchrun) on N GPUs of --gpus
 #   --workers N                  N worker processes on the CPU (without --gpus)
 #   --dry-run                    print the grid, where each run goes and the device-hours it
 #                                takes; train nothing, run no notebook
@@ -33,13 +37,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 profile=quick device="" data_dir="${PSI_DATA:-}" out="" shard=1/1 threads="" reference="" only=""
-gpus="" runs_per_gpu="" workers="" dry_run="" amp="" no_compile="" no_channels_last="" deterministic=""
+gpus="" runs_per_gpu="" procs_per_run="" workers="" dry_run="" amp="" no_compile="" no_channels_last="" deterministic=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --gpus) gpus="$2"; shift 2 ;;
     --runs-per-gpu) runs_per_gpu="$2"; shift 2 ;;
+    --procs-per-run) procs_per_run="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --amp) amp="$2"; shift 2 ;;
@@ -56,7 +61,7 @@ while [ $# -gt 0 ]; do
     *) echo "run_all.sh: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
-case "$profile" in smoke|quick|paper) ;; *) echo "run_all.sh: --profile must be smoke, quick or paper, not '$profile'" >&2; exit 2 ;; esac
+case "$profile" in smoke|quick|paper|imagenet) ;; *) echo "run_all.sh: --profile must be smoke, quick, paper or imagenet, not '$profile'" >&2; exit 2 ;; esac
 if [[ ! "$shard" =~ ^([0-9]+)/([0-9]+)$ ]] || [ "${BASH_REMATCH[1]}" -lt 1 ] || [ "${BASH_REMATCH[1]}" -gt "${BASH_REMATCH[2]}" ]; then
   echo "run_all.sh: --shard must be k/n with 1 <= k <= n, not '$shard'" >&2; exit 2
 fi
@@ -120,18 +125,19 @@ notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 read -r -a datasets < <("$py" -c "from psi.notebook import PROFILE_DATASETS; print(*PROFILE_DATASETS['$profile'])")
 n=${#notebooks[@]} i=0
 echo "psi run_all: profile $profile, device $device, results in $out${tag:+, shard $shard}"
-if [ -n "$gpus$runs_per_gpu$workers$dry_run" ] && { [ -z "$only" ] || [[ "04_cifar" == "$only"* ]]; }; then
+if [ -n "$gpus$runs_per_gpu$procs_per_run$workers$dry_run" ] && { [ -z "$only" ] || [[ "04_cifar" == "$only"* ]]; }; then
   for d in "${datasets[@]}"; do
     grid=("$py" -m psi.grid run --profile "$profile" --set "dataset=$d" --out "$out" --device "$device" --shard "$shard"
           "${grid_train[@]}")
     [ -n "$gpus" ] && grid+=(--gpus "$gpus")
     [ -n "$runs_per_gpu" ] && grid+=(--runs-per-gpu "$runs_per_gpu")
+    [ -n "$procs_per_run" ] && grid+=(--procs-per-run "$procs_per_run")
     [ -n "$workers" ] && grid+=(--workers "$workers")
     [ -n "$threads" ] && grid+=(--threads "$threads")
     [ -n "$data_dir" ] && grid+=(--data-dir "$data_dir")
     if [ -n "$dry_run" ]; then "${grid[@]}" --dry-run || exit $?; continue; fi
-    echo "CIFAR runs: ${grid[*]}"
-    "${grid[@]}" || { echo "run_all.sh: the CIFAR runs failed (python -m psi.grid, above); fix and re-run: finished runs are reused" >&2; exit 1; }
+    echo "training runs: ${grid[*]}"
+    "${grid[@]}" || { echo "run_all.sh: the training runs failed (python -m psi.grid, above); fix and re-run: finished runs are reused" >&2; exit 1; }
   done
   [ -n "$dry_run" ] && exit 0
 fi

@@ -1,4 +1,5 @@
 """CIFAR-10/100 from whatever copy the user has, held on the device, augmented in batches.
+(Image folders and ImageNet, which do not fit on a device: :mod:`psi.images`.)
 
 Where the data is looked for: the folder given by ``data_dir``, else ``$PSI_DATA``, else
 ``./data``. In that folder, for ``cifar10`` (``cifar100`` likewise), in this order:
@@ -16,7 +17,8 @@ Where the data is looked for: the folder given by ``data_dir``, else ``$PSI_DATA
    checked, and written under its final name only once complete.
 
 ``synthetic`` is a small CIFAR-shaped dataset made on the spot (for tests and smoke runs); it
-is used only when asked for by name, never as a fallback. ``data/README.md`` tells users the same,
+is used only when asked for by name, never as a fallback. ``imagefolder`` and ``imagenet`` are
+streamed from disk (:mod:`psi.images`). ``data/README.md`` tells users the same,
 with the errors a missing or corrupt copy gives.
 """
 
@@ -41,7 +43,7 @@ __all__ = ["Dataset", "load_dataset", "BatchLoader", "DATASETS", "CIFAR10_CLASSE
            "balanced_subset", "split_validation"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "synthetic", "imagefolder", "imagenet")
 _OFFICIAL = {
     "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                 "c58f30108f718f92721af3b95e74349a"),
@@ -89,12 +91,17 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
-                 cache_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load ``name`` (one of ``DATASETS``) as described in the module docstring."""
+                 cache_dir: str | os.PathLike | None = None):
+    """Load ``name`` (one of ``DATASETS``) as described in the module docstring; ``imagefolder`` and
+    ``imagenet`` give the file lists of :func:`psi.images.load_image_folder` (the images stay on disk)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if name == "synthetic":
         return synthetic()
+    if name in ("imagefolder", "imagenet"):
+        from .images import load_image_folder
+
+        return load_image_folder(name, data_dir)
     root = default_data_dir(data_dir)
     folder, archive, url, md5 = _OFFICIAL[name]
     looked = []

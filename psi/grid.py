@@ -44,7 +44,7 @@ import torch
 
 from . import data as D
 from .models import MODELS, build_model
-from .notebook import ParameterError, check_choice, check_positive, parse_shard, study_settings
+from .notebook import PROFILES, ParameterError, check_choice, check_positive, parse_shard, study_settings
 from .optimizers import LR, OPTIMIZERS
 from .study import read_selected_files, select_lr, selection_config, write_selected
 from .train import SCHEDULES, Config, lock_holder, optimizer_for, sweep
@@ -54,9 +54,10 @@ __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "stud
 
 # notebook 04's study parameters; --set NAME=VALUE takes these
 SETTINGS = ("dataset", "models", "optimizers", "seeds", "epochs", "schedule", "subset", "batch_size", "lr_grids",
-            "val_size", "select_subset", "lr_extend", "paper_settings", "eval_every")
+            "val_size", "select_subset", "lr_extend", "paper_settings", "eval_every", "milestones", "image_size",
+            "lr_scaling")
 PAPER_SETTINGS = ("table1", "table2")  # the named settings a study runs at Table 3's rates (psi.optimizers)
-TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "synthetic": 2000}  # psi.data's training sets
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "synthetic": 2000, "imagenet": 1281167}  # training sets
 MPS_COMMAND = "nvidia-cuda-mps-control -d"
 
 
@@ -91,8 +92,11 @@ def base_config(settings: dict[str, Any], runs_dir: str | os.PathLike, device: s
                 channels_last: bool | None = None, compile: bool | None = None, deterministic: bool = False,
                 data_dir: str | None = None) -> Config:
     """The config every run of the study starts from (model, optimizer, seed and lr are set per run)."""
+    defaults = Config()  # a CIFAR profile names no milestones, crop or scaling rule: the engine's (the paper's CIFAR)
     base = Config(dataset=settings["dataset"], epochs=settings["epochs"], batch_size=settings["batch_size"],
                   schedule=settings["schedule"], subset=settings["subset"] or None, eval_every=settings["eval_every"],
+                  milestones=tuple(settings.get("milestones") or defaults.milestones),
+                  image_size=settings.get("image_size"), lr_scaling=settings.get("lr_scaling") or defaults.lr_scaling,
                   device=device, amp=amp,
                   channels_last=channels_last, compile=compile, deterministic=deterministic, data_dir=data_dir,
                   out=str(runs_dir), progress=False)
@@ -212,7 +216,7 @@ def cost_order(configs: list[Config]) -> list[Config]:
 
 
 def _train_images(cfg: Config) -> int:
-    return cfg.subset or TRAIN_IMAGES[cfg.dataset] - cfg.val_size
+    return cfg.subset or TRAIN_IMAGES.get(cfg.dataset, 1) - cfg.val_size  # an image folder: unknown until read
 
 
 def plan(settings: dict[str, Any], base: Config) -> dict[str, Any]:
@@ -334,10 +338,11 @@ def _timed_ips(cfg: Config, steps: int) -> float:
     on random images, eager (a compiled run is faster), with its autocast and memory format."""
     r = cfg.resolved()
     device = torch.device(r.device)
-    model = build_model(r.model, 100 if r.dataset == "cifar100" else 10).to(device)
+    model = build_model(r.model, {"cifar100": 100, "imagenet": 1000}.get(r.dataset, 10)).to(device)
     fmt = torch.channels_last if r.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.randn(r.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    side = r.image_size or 32  # ImageNet's crops, else CIFAR's images
+    x = torch.randn(r.batch_size, 3, side, side, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (r.batch_size,), device=device)
     opt = optimizer_for(r, model, x[:16])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
@@ -454,9 +459,35 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def worker_slots(gpus: str | None, runs_per_gpu: int, workers: int, procs_per_run: int = 1) -> list[str | None]:
+    """What each worker sees: its GPUs as ``CUDA_VISIBLE_DEVICES`` takes them, or None on the CPU.
+    ``procs_per_run`` > 1: a worker trains each of its runs data-parallel on that many GPUs (or
+    CPU processes), so the GPUs are dealt out in groups of that size."""
+    if procs_per_run < 1:
+        raise ParameterError(f"--procs-per-run must be at least 1, not {procs_per_run}")
+    if not gpus:
+        return [None] * workers
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if procs_per_run > 1:
+        if runs_per_gpu > 1 or len(ids) % procs_per_run:
+            raise ParameterError(f"--procs-per-run {procs_per_run} deals --gpus {gpus} out in groups of "
+                                 f"{procs_per_run}: give a multiple of it, and no --runs-per-gpu")
+        return [",".join(ids[i:i + procs_per_run]) for i in range(0, len(ids), procs_per_run)]
+    return [ids[i % len(ids)] for i in range(len(ids) * runs_per_gpu)]
+
+
+def worker_command(plan_path: Path, k: int, n: int, threads: int, steal: bool, procs_per_run: int = 1) -> list[str]:
+    """The command of worker ``k`` of ``n``: ``psi.grid worker``, under ``torchrun --standalone``
+    (a free port of its own) with ``procs_per_run`` processes when a run is data-parallel."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(procs_per_run)] if procs_per_run > 1 else [sys.executable]
+    return launcher + ["-m", "psi.grid", "worker", "--plan", str(plan_path), "--shard", f"{k}/{n}", "--threads",
+                       str(threads)] + ([] if steal else ["--no-steal"])
+
+
 def _launch(plan_path: Path, workers: list[str | None], threads: int, steal: bool, logs: Path,
-            name: str, refresh: float, configs: list[Config]) -> list[Path]:
-    """Start one worker per entry of ``workers`` (its GPU, or None on the CPU), show the progress
+            name: str, refresh: float, configs: list[Config], procs_per_run: int = 1) -> list[Path]:
+    """Start one worker per entry of ``workers`` (its GPUs, or None on the CPU), show the progress
     of ``configs`` until all have exited; return the logs of those that failed."""
     procs = []
     n = len(workers)
@@ -465,8 +496,7 @@ def _launch(plan_path: Path, workers: list[str | None], threads: int, steal: boo
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log = logs / f"{name}.worker-{k}-of-{n}.log"
-        cmd = [sys.executable, "-m", "psi.grid", "worker", "--plan", str(plan_path), "--shard", f"{k}/{n}",
-               "--threads", str(threads)] + ([] if steal else ["--no-steal"])
+        cmd = worker_command(plan_path, k, n, threads, steal, procs_per_run)
         with open(log, "w") as f:
             procs.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log))
     tty = sys.stdout.isatty()
@@ -567,15 +597,11 @@ def _cmd_run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if a.gpus and a.workers or not a.gpus and a.runs_per_gpu > 1:
         raise ParameterError("--workers is for the CPU and --runs-per-gpu goes with --gpus")
-    if a.gpus:
-        if _device_kind(a.device) != "cuda" or torch.device(a.device).index is not None:
-            raise ParameterError(f"--gpus needs --device cuda (each worker sees one GPU as cuda), not {a.device!r}")
-        gpus = [g.strip() for g in a.gpus.split(",") if g.strip()]
-        workers: list[str | None] = [gpus[i % len(gpus)] for i in range(len(gpus) * a.runs_per_gpu)]
-    else:
-        workers = [None] * (a.workers or 1)
+    if a.gpus and (_device_kind(a.device) != "cuda" or torch.device(a.device).index is not None):
+        raise ParameterError(f"--gpus needs --device cuda (each worker sees its GPUs as cuda), not {a.device!r}")
+    workers = worker_slots(a.gpus, a.runs_per_gpu, a.workers or 1, a.procs_per_run)
     n = len(workers)
-    threads = a.threads or max(1, _cores() // n)
+    threads = a.threads or max(1, _cores() // (n * a.procs_per_run))
     shard = parse_shard(a.shard)
     p = plan(settings, base)
     p["study"] = cost_order(_sharded(p["study"], shard))
@@ -597,9 +623,12 @@ def _cmd_run(a: argparse.Namespace) -> int:
     print(f"data: {ds.name} from {ds.source}", flush=True)
     logs = out / "logs"
     failed: list[Path] = []
+    if p["pending"] and a.procs_per_run > 1:
+        raise ParameterError("the learning-rate selection runs one process per run: make it first with "
+                             "--procs-per-run 1 (or pass --set lr_grids={} to skip it), then run with --procs-per-run")
     if p["pending"]:  # the learning-rate selection: starting rates on every worker, then worker 1 chooses
         sel = _plan_file(out, "select", tag, settings, base, p["select"])
-        failed += _launch(sel, workers, threads, not a.no_steal, logs, f"select{tag}", a.refresh, p["select"])
+        failed += _launch(sel, workers, threads, not a.no_steal, logs, f"select{tag}", a.refresh, p["select"], 1)
         p = plan(settings, base)
         p["study"] = cost_order(_sharded(p["study"], shard))
         if p["pending"]:
@@ -612,7 +641,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if all((c.run_dir() / "summary.json").is_file() for c in p["study"]):
         print(f"study{tag}: all {len(p['study'])} runs are done; nothing to train")
     else:
-        failed += _launch(plan_path, workers, threads, not a.no_steal, logs, f"study{tag}", a.refresh, p["study"])
+        # a data-parallel worker's processes must agree on every run they take: no stealing (which races)
+        failed += _launch(plan_path, workers, threads, not a.no_steal and a.procs_per_run == 1, logs, f"study{tag}",
+                          a.refresh, p["study"], a.procs_per_run)
     states = run_states(p["select"] + p["study"])
     for line in _status_lines(p["select"] + p["study"]):
         print(line)
@@ -771,10 +802,13 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train the grid: one worker process per GPU slot (--gpus x --runs-per-gpu, each "
                                    "with CUDA_VISIBLE_DEVICES set to its GPU) or --workers on the CPU; a progress "
                                    "line of the whole grid while they run; exit status 1 if a worker or run failed.")
-    r.add_argument("--profile", required=True, choices=["smoke", "quick", "paper"])
+    r.add_argument("--profile", required=True, choices=list(PROFILES))
     r.add_argument("--gpus", help="GPU ids as CUDA_VISIBLE_DEVICES takes them, e.g. 0,1,2,3")
     r.add_argument("--runs-per-gpu", type=int, default=1, help="workers per GPU (start NVIDIA MPS for > 1)")
     r.add_argument("--workers", type=int, help="worker processes without --gpus (default 1)")
+    r.add_argument("--procs-per-run", type=int, default=1,
+                   help="train each run data-parallel (torchrun) on this many GPUs of --gpus (or CPU processes); "
+                        "a worker then holds that many GPUs (default 1: one run per GPU)")
     r.add_argument("--threads", type=int, help="CPU threads per worker (default: cores // workers, at least 1)")
     r.add_argument("--shard", default="1/1", help="k/n: only the k-th of n slices of the grid, the runs notebook 04's "
                                                  "shard k/n takes (one machine of n)")
@@ -786,14 +820,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "the run's lock), failed (failed.json), partial (some epochs, nobody on it), "
                                    "waiting; an ETA from the measured epochs. Without --profile, the grid the last "
                                    "run or slurm command wrote to OUT/grid.json.")
-    s.add_argument("--profile", choices=["smoke", "quick", "paper"])
+    s.add_argument("--profile", choices=list(PROFILES))
 
     sl = sub.add_parser("slurm", parents=[study, dry], help="submit the grid as a SLURM job array (submitit)",
                         description="Submit the grid as a job array through submitit, one array task per shard k/N "
                                     "(each then takes over waiting runs of the others). Submitting again submits "
                                     "only the shards with runs not done; interrupted runs resume. A task that "
                                     "reaches --time is requeued by submitit.")
-    sl.add_argument("--profile", required=True, choices=["smoke", "quick", "paper"])
+    sl.add_argument("--profile", required=True, choices=list(PROFILES))
     sl.add_argument("--array", type=int, required=True, help="N: array tasks (shards of the grid)")
     sl.add_argument("--partition")
     sl.add_argument("--account")

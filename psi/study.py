@@ -235,7 +235,7 @@ def label_tuned(runs: pd.DataFrame, chosen: dict[tuple[str, str, str], float]) -
 def not_run(runs: pd.DataFrame) -> pd.DataFrame:
     """The paper's cells (table, dataset, model, optimizer) that no run of ``runs`` scored on the
     test set covers, whatever its setting or length: what a reader must not look for in our tables
-    (ImageNet's rows always; every CIFAR cell of a profile that did not run it)."""
+    (ImageNet's rows unless ImageNet runs exist; every CIFAR cell of a profile that did not run it)."""
     test = runs[runs["split"] == "test"] if "split" in runs else runs
     done = {(PAPER_TABLE_OF[s], d, m, o) for s, d, m, o in zip(test.setting, test.dataset, test.model, test.optimizer)}
     keys = zip(PAPER_TABLES.paper_table, PAPER_TABLES.dataset, PAPER_TABLES.model, PAPER_TABLES.optimizer)

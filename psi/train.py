@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as D
+from . import images as I
 from .models import MODELS, build_model
 from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effective_lr
 from .psisgd import MAX_NORM
@@ -65,7 +66,23 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 COMPILED_STEP = ("sgd", "psi-sgd", "psi-sgdm")
 # not in the run's key: where it runs and how fast, not what it computes (the device *kind* is)
 # nor how often it is evaluated: training never reads the evaluation, so the run is the same
-_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic", "eval_every")
+_NOT_IN_KEY = ("data_dir", "out", "progress", "device", "compile", "channels_last", "deterministic", "eval_every",
+               "workers")
+# in the key only when set: fields added after runs were made, None or "none" for every CIFAR run,
+# so that those runs keep their folders
+_KEY_IF_SET = ("image_size", "decoder", "lr_scaling")
+# The batch size of Table 3 (supp. p. 17: 128 for every method; the only batch size the paper gives,
+# for CIFAR and ImageNet alike): with lr_scaling="linear" every learning rate is multiplied by
+# batch_size / LR_REFERENCE_BATCH (Goyal et al. 2017's linear scaling rule).
+LR_REFERENCE_BATCH = 128
+# The paper's two schedules (section 6.2, p. 1135) as presets for the command line (--preset): CIFAR,
+# 200 epochs, x0.2 at 60/120/160; ImageNet, 100 epochs, x0.2 at 30/60/90, 224-pixel crops, Table 3's
+# batch of 128, learning rates scaled linearly when --batch-size changes it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar": dict(epochs=200, milestones=(0.3, 0.6, 0.8), gamma=0.2, batch_size=128),
+    "imagenet": dict(dataset="imagenet", model=["resnet18"], epochs=100, milestones=(0.3, 0.6, 0.9), gamma=0.2,
+                     batch_size=128, image_size=224, lr_scaling="linear"),
+}
 EVAL_BATCH = 500  # evaluation batch: large (no gradients kept) and a divisor of CIFAR's 10000 test images
 DISCOVERY_EXAMPLES = 16  # images of the first batch that psi.param_groups runs the model on
 
@@ -112,6 +129,15 @@ class Config:
                                            "epochs")
     gamma: float = _field(0.2, "the step schedule's factor at each milestone")
     warmup_epochs: float = _field(0.0, "linear warm-up of the learning rate over this many epochs")
+    image_size: int | None = _field(None, "imagefolder/imagenet: the training crop's side (default 224); evaluation "
+                                    "resizes the shorter side to size/0.875 and takes the centre crop")
+    lr_scaling: str = _field("none", "linear: every learning rate times batch_size/128 (Table 3's batch; Goyal et "
+                             "al. 2017's rule), so that --batch-size keeps the paper's rate per image",
+                             choices=("none", "linear"))
+    workers: int | None = _field(None, "imagefolder/imagenet: decoding processes per training process (default: "
+                                 "the CPUs per process, at most 8)")
+    decoder: str | None = _field(None, "imagefolder/imagenet: pil (CPU workers), nvjpeg (the GPU, with "
+                                 "torchvision), auto (default: nvjpeg on CUDA when it can)", choices=I.DECODERS)
     subset: int | None = _field(None, "a fixed class-balanced subset of N training images (default: all)")
     val_size: int = _field(0, "hold out N training images as a validation split, evaluated instead of the test set")
     eval_every: int = _field(1, "evaluate after every k-th epoch and after the last (0: the last only; a test pass "
@@ -142,6 +168,17 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        images = self.dataset in I.IMAGE_DATASETS
+        for name in ("image_size", "workers", "decoder"):
+            if getattr(self, name) is not None and not images:
+                raise ValueError(f"{name} is for the image datasets ({', '.join(I.IMAGE_DATASETS)}), not "
+                                 f"{self.dataset} (CIFAR is held on the device at 32x32)")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: decode in the training process), got {self.workers}")
+        if self.lr_scaling not in ("none", "linear"):
+            raise ValueError(f"invalid lr_scaling {self.lr_scaling!r}; valid: none, linear")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: evaluate after the last epoch only), got {self.eval_every}")
         if self.lr is not None and not self.lr > 0:
@@ -158,11 +195,15 @@ class Config:
     def resolved(self, world: int = 1) -> Config:
         """The config with every 'auto' made concrete for its device kind (and ``world``
         processes: compiling a model that holds SyncBatchNorm is refused, see :func:`run`)."""
-        cuda = torch.device(self.device).type == "cuda"
+        device = torch.device(self.device)
+        cuda = device.type == "cuda"
         amp = ("bf16" if cuda else "none") if self.amp == "auto" else (self.amp or "none")
+        images = self.dataset in I.IMAGE_DATASETS
         return replace(self, amp=amp, channels_last=cuda if self.channels_last is None else self.channels_last,
                        compile=(cuda and world == 1) if self.compile is None else self.compile,
-                       milestones=tuple(self.milestones))
+                       milestones=tuple(self.milestones),
+                       image_size=(self.image_size or 224) if images else None,
+                       decoder=I.resolve_decoder(self.decoder or "auto", device) if images else None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -172,7 +213,8 @@ class Config:
 
     def key(self) -> str:
         r = self.resolved()
-        d = {k: v for k, v in asdict(r).items() if k not in _NOT_IN_KEY}
+        d = {k: v for k, v in asdict(r).items()
+             if k not in _NOT_IN_KEY and not (k in _KEY_IF_SET and v in (None, "none"))}
         d["device_kind"] = torch.device(r.device).type  # a CPU and a GPU run never share a folder
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -197,9 +239,12 @@ def lr_factor(cfg: Config, t: float) -> float:
 
 def optimizer_for(cfg: Config, model: nn.Module, example: Tensor) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names, under its setting and overrides (one place for the engine and the grid tool)."""
-    return build_optimizer(cfg.optimizer, model, example, cfg.setting, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, rest_lr=cfg.rest_lr, omega=cfg.omega,
-                           max_norm=cfg.max_norm)
+    opt = build_optimizer(cfg.optimizer, model, example, cfg.setting, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, rest_lr=cfg.rest_lr, omega=cfg.omega, max_norm=cfg.max_norm)
+    if cfg.lr_scaling == "linear":  # every group, the method's and the rest's: the same rate per image as at 128
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * cfg.batch_size / LR_REFERENCE_BATCH
+    return opt
 
 
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
@@ -395,8 +440,15 @@ def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, di
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: D.BatchLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader, accumulated on the device and read once."""
+def evaluate(model: nn.Module, loader: D.BatchLoader | I.ImageLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader, accumulated on the device and read once. A loader that
+    gives each process a slice (``world > 1``: image folders) is summed over the processes, every one
+    evaluating rank 0's model: without SyncBatchNorm (the CPU) each process's BN statistics took their
+    last update from its own slice, so rank 0's are sent to all first."""
+    sharded = getattr(loader, "world", 1) > 1
+    if sharded:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
     model.eval()
     loss = torch.zeros((), device=loader.device, dtype=torch.float64)
     correct = torch.zeros((), device=loader.device, dtype=torch.long)
@@ -407,8 +459,11 @@ def evaluate(model: nn.Module, loader: D.BatchLoader, autocast: Callable[[], Any
         loss += F.cross_entropy(out.float(), y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
         n += len(y)
-    loss_value, correct_value = torch.stack([loss, correct.double()]).tolist()
-    return loss_value / n, correct_value / n
+    totals = torch.stack([loss, correct.double(), torch.tensor(float(n), device=loader.device, dtype=torch.float64)])
+    if sharded:
+        torch.distributed.all_reduce(totals)
+    loss_value, correct_value, n_value = totals.tolist()
+    return loss_value / n_value, correct_value / n_value
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -430,9 +485,33 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     with _rank0_lock(out, rank, world):
+        if world > 1:
+            _check_shared_folder(out, rank, world)
         if (out / "summary.json").is_file():  # finished while we waited for the lock
             return json.loads((out / "summary.json").read_text())
         return _train(cfg, device, rank, world, out, dataset)
+
+
+def _check_shared_folder(out: Path, rank: int, world: int) -> None:
+    """Every process of a data-parallel run reads the run folder (the checkpoint to resume from, the
+    metrics for the summary) that rank 0 writes: across machines it must be one shared file system.
+    Rank 0 writes a token there; a process that cannot read it back stops them all, with a message."""
+    token = f"{os.getpid()}-{time.time_ns()}"
+    if rank == 0:
+        _write_json(out / ".world", {"token": token, "world_size": world})
+    box = [token]
+    torch.distributed.broadcast_object_list(box, src=0)
+    try:
+        seen = json.loads((out / ".world").read_text())["token"] == box[0]
+    except (OSError, ValueError, KeyError):
+        seen = False
+    views: list[Any] = [None] * world
+    torch.distributed.all_gather_object(views, (socket.gethostname(), seen))
+    blind = sorted({host for host, ok in views if not ok})
+    if blind:
+        raise RuntimeError(f"{out} is not the same folder on every machine of this run: the processes on "
+                           f"{', '.join(blind)} cannot read what rank 0 writes there. Fix: give --out a folder on a "
+                           f"file system that all nodes share (NFS, Lustre, ...).")
 
 
 @contextlib.contextmanager
@@ -460,6 +539,9 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     torch.manual_seed(cfg.seed)
     ds = dataset or D.load_dataset(cfg.dataset, cfg.data_dir)
     train, evaluation, eval_name = _loaders(cfg, ds, device, rank, world)
+    if isinstance(train, I.ImageLoader) and rank == 0 and cfg.progress:
+        print(f"{out.name}: {len(train.files)} training images from {ds.source}, decoder {train.decoder}, "
+              f"{train.workers} worker(s) per process, {cfg.image_size}px crops", file=sys.stderr)
 
     model = build_model(cfg.model, ds.num_classes).to(device)
     if cfg.channels_last:
@@ -551,9 +633,11 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     return json.loads(json.dumps(summary))  # as it reads back from summary.json
 
 
-def _loaders(cfg: Config, ds: D.Dataset, device: torch.device, rank: int,
-             world: int) -> tuple[D.BatchLoader, D.BatchLoader, str]:
+def _loaders(cfg: Config, ds: D.Dataset | I.FileDataset, device: torch.device, rank: int,
+             world: int) -> tuple[D.BatchLoader | I.ImageLoader, D.BatchLoader | I.ImageLoader, str]:
     """The training loader (this process's slice) and the evaluation loader (test or validation)."""
+    if isinstance(ds, I.FileDataset):
+        return _image_loaders(cfg, ds, device, rank, world)
     train_idx = torch.arange(len(ds.train_y))
     eval_x, eval_y, eval_name = ds.test_x, ds.test_y, "test"
     if cfg.val_size:
@@ -565,6 +649,36 @@ def _loaders(cfg: Config, ds: D.Dataset, device: torch.device, rank: int,
     train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True,
                           seed=cfg.seed, rank=rank, world=world, **device_kw)
     evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, EVAL_BATCH, train=False, **device_kw)
+    if len(train) == 0:
+        raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
+    return train, evaluation, eval_name
+
+
+def default_workers(world: int) -> int:
+    """Decoding processes per training process: this machine's CPUs shared by the processes on it
+    (``LOCAL_WORLD_SIZE`` under torchrun), one left for the training process itself, at most 8."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus // max(local, 1) - 1))
+
+
+def _image_loaders(cfg: Config, ds: I.FileDataset, device: torch.device, rank: int,
+                   world: int) -> tuple[I.ImageLoader, I.ImageLoader, str]:
+    """Image folders stream from disk: each process decodes only its slice of every batch, the
+    evaluation too (:func:`evaluate` sums the slices over the processes)."""
+    train_idx = torch.arange(len(ds.train_y))
+    eval_files, eval_y, eval_name = ds.test_files, ds.test_y, "test"
+    if cfg.val_size:
+        train_idx, val_idx = D.split_validation(ds.train_y, cfg.val_size)
+        eval_files, eval_y, eval_name = ds.train_files[val_idx.numpy()], ds.train_y[val_idx], "val"
+    if cfg.subset:
+        train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
+    workers = default_workers(world) if cfg.workers is None else cfg.workers
+    kw = dict(device=device, channels_last=cfg.channels_last, image_size=cfg.image_size, rank=rank, world=world,
+              workers=workers, decoder=cfg.decoder or "auto")
+    train = I.ImageLoader(ds.train_files[train_idx.numpy()], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size,
+                          train=True, seed=cfg.seed, **kw)
+    evaluation = I.ImageLoader(eval_files, eval_y, ds.mean, ds.std, max(cfg.batch_size, world), train=False, **kw)
     if len(train) == 0:
         raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
     return train, evaluation, eval_name
@@ -669,7 +783,20 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--shard", default="1/1", help="k/n: run only the k-th of n slices of the sweep")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    ap.add_argument("--preset", choices=list(PRESETS), help="the paper's schedule for a dataset, as defaults that "
+                    "other options override: " + "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in p.items())
+                                                          for k, p in PRESETS.items()))
     return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``ap.parse_args`` with ``--preset``'s values as the defaults (what the command line gives wins)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=list(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    if known.preset:
+        ap.set_defaults(**PRESETS[known.preset])
+    return ap.parse_args(argv)
 
 
 def configs_from_args(a: argparse.Namespace) -> list[Config]:
@@ -683,7 +810,7 @@ def configs_from_args(a: argparse.Namespace) -> list[Config]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = _parser()
-    a = ap.parse_args(argv)
+    a = parse_args(ap, argv)
     try:
         k, n = (int(v) for v in a.shard.split("/"))
         if not 1 <= k <= n:
@@ -706,7 +833,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    for r in results:
+    for r in results if int(os.environ.get("RANK", "0")) == 0 else []:  # under torchrun, rank 0 reports
         if "failed" in r or "locked" in r:
             print(f"error: {r.get('failed') or r['locked']}", file=sys.stderr)
             continue
