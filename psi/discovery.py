@@ -2,57 +2,112 @@
 
 A layer is *scale-invariant* when multiplying each of its neurons (output channels, axis 0 of its
 weight) by its own positive factor leaves the network's training-mode output unchanged (section 3.1
-of the paper, p. 1130; Definition 1, p. 1131): conv/linear followed by BatchNorm, possibly through
-positively homogeneous ops (ReLU, LeakyReLU, pooling, dropout, flatten, zero-padding).
+of the paper, p. 1130; Definition 1, p. 1131): conv/linear followed by a normalization with
+per-channel statistics (BatchNorm in train mode, InstanceNorm, GroupNorm with one channel per
+group), possibly through positively homogeneous ops (ReLU, LeakyReLU, pooling, dropout, flatten,
+zero-padding).
 
 How it is decided: the module tree proposes every ``Linear``/``Conv1d/2d/3d`` that the forward pass
 calls (their weight has the neuron axis first; ``ConvTranspose`` does not and is never proposed).
-Each candidate is then *confirmed numerically* on a float64 copy of the model in train mode, with
-BatchNorm's eps set to 1e-30 (``_BN_EPS``: eps breaks the symmetry at tiny scales; we test the
-structure, not that rounding) and every parameter slightly perturbed (so that a zero-init weight or
-a BN scale of 0 cannot hide a dependence): the weight is multiplied by random per-neuron factors
-spread over [1e-6, 1e6] (``_SCALES``: wide, so that a clipping nonlinearity such as ReLU6 or a
-shrinkage cannot pass for a homogeneous one) and the outputs must not move (relative 1e-8,
-``_RTOL``). When the weight alone fails and the layer has a bias, weight and bias are rescaled
-together (needed when an op between the layer and its BN does not remove a constant, e.g. a ReLU).
-What fails both is rejected: a layer whose output also reaches the loss around its BN (a residual
-branch without BN, the last conv of a pre-activation block), the classifier, and a layer followed
-only by LayerNorm or GroupNorm, which are invariant to one common factor per sample or group, not to
-a separate factor per neuron.
+Each candidate is then *confirmed numerically* on a float64 copy of the model, every normalization's
+eps set to 1e-30 (``_NORM_EPS``: eps breaks the symmetry at tiny scales; we test the structure, not
+that rounding) and every parameter slightly perturbed (so that a zero-init weight or a BN scale of 0
+cannot hide a dependence): the weight is multiplied by random per-neuron factors spread over
+[1e-6, 1e6] (``_SCALES``: wide, so that a clipping nonlinearity such as ReLU6 or a shrinkage cannot
+pass for a homogeneous one) and the outputs must not move (relative 1e-8, ``_RTOL``). When the weight
+alone fails and the layer has a bias, weight and bias are rescaled together (needed when an op
+between the layer and its norm does not remove a constant, e.g. a ReLU). What fails both is
+rejected: a layer whose output also reaches the loss around its norm (a residual branch without BN,
+the last conv of a pre-activation block), the classifier, and a layer followed only by LayerNorm or
+by GroupNorm with several channels per group, which are invariant to one common factor per sample or
+group, not to a separate factor per neuron.
+
+The mode each layer is judged in is the one the model will train in. If ``model.training`` is True,
+the copy keeps every submodule's own flag: a BatchNorm left in ``eval()`` while the rest trains
+(frozen BN, the usual fine-tuning setup) normalizes with its running statistics, an affine map, so
+the layer before it is not invariant. If the whole model is in eval mode, the copy gets ``.train()``
+(an overridden ``train()`` that keeps BN frozen is honoured), as the user calls it before training.
+A BatchNorm with ``track_running_stats=False`` uses batch statistics in either mode, and so does
+InstanceNorm by default (its ``track_running_stats`` is False; with True, in eval mode, it uses
+running statistics like BatchNorm): the numerical test sees all that without special cases.
+
+Which modules count as normalizations (their eps lowered): every module with a float ``eps`` that is
+an instance of torch's BatchNorm/InstanceNorm (``_NormBase``), ``GroupNorm``, ``LayerNorm``,
+``RMSNorm``, or whose class name contains ``Norm`` (timm's and torchvision's norms, which subclass
+torch's or are named so).
+
+Cost (:func:`discover`'s default ``strategy="group"``), a few forward passes for the whole model:
+1. a gradient screen (one forward and backward, :meth:`_Probe.radial_screen`): a layer whose output
+   has a nonzero derivative along the scaling of a neuron is certainly not invariant; this rejects the
+   classifier, a ViT's or ConvNeXt's every Linear, without a test of their own;
+2. group testing on the rest, each layer with its own random factors: all are rescaled at once; if the
+   output stays, all pass; else the group is split into halves in module order and the halves are
+   tested, and when both halves of a failed group fail twice in a row (failures are dense) its members
+   are tested one by one. A pass costs one forward, one failure about 2 log2(n), n failures at most n + 7;
+3. the same, weight and bias together, on the layers with a bias that failed and that the screen did
+   not reject with their bias.
+A group can pass while one of its members alone would fail only through an exact cancellation between
+independent random factors of different layers: probability zero. The rescaling is done in place on
+the probe's weights and undone by dividing by the same factors (no copies; the rounding it leaves is
+~1e-16, far below ``_RTOL``), rather than on the layer's output by a hook, so that a weight read
+outside its module's forward (tied weights) is rescaled wherever it is read. Memory: one float64
+copy of the model (:func:`_float64_copy`) plus the activations of one backward pass on
+``example_input`` and, transiently, one tensor of the size of the largest candidate weight (its
+gradient). ``strategy="per-layer"`` is the algorithm before group testing (one forward per candidate
+and one more per rejected layer with a bias, on a ``deepcopy(model).double()`` copy):
+kept as the reference that the tests and ``python -m psi.bench discovery`` compare with.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from .manifold import random_scales, rescale
 
-__all__ = ["find_scale_invariant", "param_groups", "CANDIDATE_TYPES"]
+__all__ = ["find_scale_invariant", "param_groups", "discover", "Layer", "CANDIDATE_TYPES", "STRATEGIES"]
 
 CANDIDATE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+STRATEGIES = ("group", "per-layer")
+_NORM_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 # The outputs must not move by more than this, relative to their largest entry, when a layer's neurons
 # are rescaled: float64 rounding through a network stays far below it, a real dependence far above.
 _RTOL = 1e-8
-# BatchNorm's eps on the probe: eps breaks the symmetry at tiny scales (var + eps is not scale-free);
+# Normalizations' eps on the probe: eps breaks the symmetry at tiny scales (var + eps is not scale-free);
 # we test the structure, not that rounding. Positive, so that a constant channel still divides by > 0.
-_BN_EPS = 1e-30
+_NORM_EPS = 1e-30
 # Every parameter of the probe is moved by noise * (_NOISE_REL * mean |p| + _NOISE_ABS): relative, to
 # keep each tensor's scale; absolute, so that a zero-initialised weight or a BN scale of 0 cannot hide
 # a dependence (a layer before a zero BN scale would pass for invariant whatever it is).
 _NOISE_REL, _NOISE_ABS = 0.1, 1e-3
+_NOISE_SLICE = 1 << 20  # the noise is drawn this many entries at a time
 # Per-neuron factors, log-uniform over this range: wide, so that a clipping nonlinearity (ReLU6,
 # hardtanh) or a shrinkage cannot pass for a positively homogeneous one on a narrow range of scales.
 _SCALES = (1e-6, 1e6)
 # The factors' generator is seeded with the probe's seed plus this: a stream of their own, not the
 # one that drew the noise (seed) nor the forward pass's dropout masks (torch.manual_seed(seed)).
 _SCALES_SEED_OFFSET = 1
+# The gradient screen: a per-neuron derivative along the scaling above this, relative to |dL/dw_i| |w_i|
+# (the cosine of gradient and weight), shows a dependence; float64 rounding leaves ~1e-12 at most.
+_SCREEN_TOL = 1e-6
+_SCREEN_SEED_OFFSET = 2  # the screen's random loss: a stream of its own
 _TINY = 1e-30  # added to the reference's scale so that an output that is 0 everywhere must stay exactly 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A scale-invariant layer: its name in ``model.named_modules()`` and whether its bias must scale
+    with the weight (it joins the weight's group then)."""
+
+    name: str
+    with_bias: bool
 
 
 def _map_floats(x: Any, fn) -> Any:
@@ -80,24 +135,51 @@ def _flat_outputs(x: Any) -> Iterator[Tensor]:
             yield from _flat_outputs(v)
 
 
-class _Probe:
-    """A float64, train-mode, perturbed copy of the model with a seeded forward pass."""
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "eps", None), float) and (isinstance(m, _NORM_TYPES) or "Norm" in type(m).__name__)
 
-    def __init__(self, model: nn.Module, example_input: Any, seed: int) -> None:
-        self.model = copy.deepcopy(model).double().train()
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every floating parameter and buffer in float64, made without an intermediate
+    copy in the model's own dtype (``deepcopy(model).double()`` holds both at its peak): ``deepcopy``'s
+    memo is filled with the float64 tensors first. Tied tensors stay tied (one memo entry per tensor)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo or not t.is_floating_point() or isinstance(t, nn.parameter.UninitializedTensorMixin):
+            continue
+        d = t.detach().to(torch.float64, copy=True)  # copy=True: a float64 model must not share its storage
+        memo[id(t)] = nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else d
+    return copy.deepcopy(model, memo)
+
+
+class _Probe:
+    """A float64, perturbed copy of the model, in the mode it will train in, with a seeded forward pass."""
+
+    def __init__(self, model: nn.Module, example_input: Any, seed: int, legacy_copy: bool = False) -> None:
+        """``legacy_copy``: copy and perturb as before group testing (``strategy="per-layer"``)."""
+        self.model = copy.deepcopy(model).double() if legacy_copy else _float64_copy(model)
+        if not model.training:  # the user calls model.train() before training; an overridden train() is honoured
+            self.model.train()
         self.seed = seed
+        self.forwards = 0
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.model.parameters():
-                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                p.add_(noise * (_NOISE_REL * p.abs().mean() + _NOISE_ABS))
+                scale = _NOISE_REL * p.abs().mean() + _NOISE_ABS
+                if legacy_copy:  # as before: two temporaries of p's size
+                    p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale)
+                    continue
+                # in slices: the temporaries stay small next to a 100M-entry classifier weight; drawn in
+                # float32, 8x faster than float64 on a CPU thread (the noise needs no more digits)
+                for part in p.view(-1).split(_NOISE_SLICE) if p.is_contiguous() else [p]:
+                    part.add_(torch.randn(part.shape, generator=gen, dtype=torch.float32).to(p.device), alpha=float(scale))
         for m in self.model.modules():
-            if isinstance(m, _BatchNorm):
-                m.eps = _BN_EPS
+            if _is_norm(m):
+                m.eps = _NORM_EPS
         self.inputs = _map_floats(example_input, lambda t: t.detach().double())
         self.devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-        self.called: set[nn.Module] = set()
-        hooks = [m.register_forward_hook(lambda m, i, o: self.called.add(m)) for m in self.model.modules()
+        called: set[nn.Module] = set()
+        hooks = [m.register_forward_hook(lambda m, i, o: called.add(m)) for m in self.model.modules()
                  if isinstance(m, CANDIDATE_TYPES)]
         try:
             self.reference = self.forward()
@@ -108,10 +190,13 @@ class _Probe:
         finally:
             for h in hooks:
                 h.remove()
+        self.candidates = [(name, m) for name, m in self.model.named_modules()
+                           if isinstance(m, CANDIDATE_TYPES) and m in called]
 
-    @torch.no_grad()
-    def forward(self) -> list[Tensor]:
-        with torch.random.fork_rng(devices=self.devices):  # the same dropout masks, the user's RNG untouched
+    def forward(self, grad: bool = False) -> list[Tensor]:
+        self.forwards += 1
+        # the same dropout masks every time, the user's RNG untouched
+        with torch.random.fork_rng(devices=self.devices), torch.set_grad_enabled(grad):
             torch.manual_seed(self.seed)
             if isinstance(self.inputs, (tuple, list)):
                 out = self.model(*self.inputs)
@@ -130,7 +215,8 @@ class _Probe:
 
     @torch.no_grad()
     def invariant_under(self, layer: nn.Module, with_bias: bool) -> bool:
-        """Rescale the layer's neurons (and bias) by random positive factors: does the output stay?"""
+        """Rescale the layer's neurons (and bias) by random positive factors: does the output stay?
+        (``strategy="per-layer"``: a clone of the tensors restores them.)"""
         tensors = [layer.weight] + ([layer.bias] if with_bias else [])
         saved = [t.clone() for t in tensors]
         gen = torch.Generator().manual_seed(self.seed + _SCALES_SEED_OFFSET)
@@ -143,42 +229,144 @@ class _Probe:
             for t, s in zip(tensors, saved, strict=True):
                 t.copy_(s)
 
+    @torch.no_grad()
+    def group_unchanged(self, layers: Sequence[nn.Module], factors: dict[nn.Module, Tensor], with_bias: bool) -> bool:
+        """Rescale every layer of ``layers`` by its own factors at once, in place: does the output stay?"""
+        scaled = [(t, factors[m].to(t).reshape((-1,) + (1,) * (t.dim() - 1)))
+                  for m in layers for t in [m.weight] + ([m.bias] if with_bias else [])]
+        for t, a in scaled:
+            t.mul_(a)
+        try:
+            return self.unchanged()
+        finally:
+            for t, a in scaled:
+                t.div_(a)
 
-def _discover(model: nn.Module, example_input: Any, seed: int = 0) -> list[tuple[str, bool]]:
-    """(name, bias scales with the weight) for every scale-invariant layer, in module order."""
-    probe = _Probe(model, example_input, seed)
-    found = []
-    for name, layer in probe.model.named_modules():
-        if not isinstance(layer, CANDIDATE_TYPES) or layer not in probe.called:
-            continue
-        if probe.invariant_under(layer, with_bias=False):
-            found.append((name, False))
-        elif layer.bias is not None and probe.invariant_under(layer, with_bias=True):
-            found.append((name, True))
-    return found
+    def radial_screen(self, layers: Sequence[nn.Module]) -> tuple[set[nn.Module], set[nn.Module]]:
+        """The layers that fail the weight-only test and those that fail the weight-and-bias test, shown by
+        one forward and backward pass: an invariant layer's output has zero derivative along the scaling
+        of any one neuron, ``<dL/dw_i, w_i> (+ dL/db_i b_i)``, for every loss ``L`` (here a random linear
+        function of the outputs). A derivative above rounding (``_SCREEN_TOL``, relative to
+        ``|dL/dw_i| |w_i|``) proves a dependence; the rest is tested numerically as before. Only the
+        candidates' tensors take gradients, each reduced to per-neuron numbers and dropped as soon as it is
+        accumulated, so no gradient copy of the model is held. A model whose backward fails screens nothing."""
+        radial: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def reduce(p: Tensor) -> None:
+            g, w = p.grad.flatten(1) if p.dim() > 1 else p.grad[:, None], p.flatten(1) if p.dim() > 1 else p[:, None]
+            radial[id(p)] = (torch.bmm(g[:, None], w[:, :, None]).flatten(), g.norm(dim=1) * w.norm(dim=1))
+            p.grad = None
+
+        tensors = {id(t): t for m in layers for t in (m.weight, m.bias) if t is not None}
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        hooks = []
+        try:
+            for p, _ in flags:
+                p.requires_grad_(id(p) in tensors)
+            hooks = [t.register_post_accumulate_grad_hook(reduce) for t in tensors.values()]
+            gen = torch.Generator().manual_seed(self.seed + _SCREEN_SEED_OFFSET)
+            outs = [o for o in self.forward(grad=True) if o.requires_grad]
+            if outs:
+                sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum() for o in outs).backward()
+        except RuntimeError:  # a backward the model does not support: no screening
+            radial.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+                p.grad = None
+        fails_alone, fails_with_bias = set(), set()
+        for m in layers:
+            if id(m.weight) not in radial:
+                continue
+            d, scale = radial[id(m.weight)]
+            if (d.abs() > _SCREEN_TOL * scale).any():
+                fails_alone.add(m)
+            if m.bias is not None and id(m.bias) in radial:
+                db, scale_b = radial[id(m.bias)]
+                if ((d + db).abs() > _SCREEN_TOL * (scale + scale_b)).any():
+                    fails_with_bias.add(m)
+        return fails_alone, fails_with_bias
+
+def _passing(test: Callable[[list], bool], items: list, failed: bool = False, dense: bool = False) -> list:
+    """The members of ``items`` for which ``test([member])`` holds, testing groups (``failed``: the
+    whole group is known to fail). A failed group is halved; when both halves fail twice in a row
+    (``dense``: so did the parent's), failures are dense and the members are tested one by one, so
+    that n failures cost at most n + 7 tests rather than bisection's 2n."""
+    if not items or (not failed and test(items)):
+        return items
+    if len(items) == 1:
+        return []
+    left, right = items[: len(items) // 2], items[len(items) // 2:]
+    if test(left):
+        return left + _passing(test, right, failed=True)
+    if test(right):
+        return _passing(test, left, failed=True) + right
+    if dense:  # a lone half is known to fail
+        return [i for half in (left, right) if len(half) > 1 for i in half if test([i])]
+    return _passing(test, left, True, True) + _passing(test, right, True, True)
+
+
+def _run(model: nn.Module, example_input: Any, seed: int, strategy: str, screen: bool = True
+         ) -> tuple[list[Layer], int]:
+    """:func:`discover` and the number of forward passes it ran (``screen=False``: no gradient screen)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    probe = _Probe(model, example_input, seed, legacy_copy=strategy == "per-layer")
+    layers = [m for _, m in probe.candidates]
+    found: dict[nn.Module, bool] = {}
+    if strategy == "per-layer":
+        for layer in layers:
+            if probe.invariant_under(layer, with_bias=False):
+                found[layer] = False
+            elif layer.bias is not None and probe.invariant_under(layer, with_bias=True):
+                found[layer] = True
+    else:
+        fails_alone, fails_with_bias = probe.radial_screen(layers) if screen else (set(), set())
+        gen = torch.Generator().manual_seed(seed + _SCALES_SEED_OFFSET)
+        factors = {m: random_scales(m.weight.shape[0], *_SCALES, generator=gen) for m in layers}
+        tested = [m for m in layers if m not in fails_alone]
+        found = dict.fromkeys(_passing(lambda g: probe.group_unchanged(g, factors, False), tested), False)
+        biased = [m for m in layers if m not in found and m.bias is not None and m not in fails_with_bias]
+        found.update(dict.fromkeys(_passing(lambda g: probe.group_unchanged(g, factors, True), biased), True))
+    return [Layer(name, found[m]) for name, m in probe.candidates if m in found], probe.forwards
+
+
+def discover(model: nn.Module, example_input: Any, *, seed: int = 0, strategy: str = "group") -> list[Layer]:
+    """Every scale-invariant layer, in module order, with whether its bias scales with its weight.
+    ``example_input`` is one batch (2 or more samples: BN needs them) in the form ``model`` takes: a
+    tensor, a tuple of positional arguments or a dict of keyword ones. The model itself is not
+    changed (the check runs on a copy). Pass the result to :func:`param_groups` (``found=``) to
+    build groups without a second discovery. ``strategy``: module docstring."""
+    return _run(model, example_input, seed, strategy)[0]
 
 
 def find_scale_invariant(model: nn.Module, example_input: Any, *, seed: int = 0) -> list[str]:
     """Names (as in ``model.named_modules()``) of the layers whose neurons are positively
-    scale-invariant. ``example_input`` is one batch (2 or more samples: BN needs them) in the
-    form ``model`` takes: a tensor, a tuple of positional arguments or a dict of keyword ones.
-    The model itself is not changed (the check runs on a copy)."""
-    return [name for name, _ in _discover(model, example_input, seed)]
+    scale-invariant (:func:`discover`, which also says which biases scale)."""
+    return [layer.name for layer in discover(model, example_input, seed=seed)]
 
 
-def param_groups(model: nn.Module, example_input: Any, *, seed: int = 0, **hyper: Any) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, example_input: Any = None, *, found: Sequence[Layer] | None = None, seed: int = 0,
+                 **hyper: Any) -> list[dict[str, Any]]:
     """Optimizer groups: one ``{'params': [weight] or [weight, bias], 'psi': True, 'name': ...}``
-    per scale-invariant layer (the bias is in it only when it must scale with the weight),
-    then ``{'params': <every other parameter>, 'psi': False}``. ``hyper`` (``lr=...``,
-    ``weight_decay=...``) is copied into every group."""
+    per scale-invariant layer that is not frozen (the bias is in it only when it must scale with the
+    weight), then ``{'params': <every other parameter>, 'psi': False}``. The layers are ``found``
+    (from :func:`discover`) when given, else discovered on ``example_input``. ``hyper``
+    (``lr=...``, ``weight_decay=...``) is copied into every group."""
+    if found is None:
+        if example_input is None:
+            raise TypeError("param_groups needs example_input (a batch to discover the layers on) or found=")
+        found = discover(model, example_input, seed=seed)
     modules = dict(model.named_modules())
     groups, taken = [], set()
-    for name, with_bias in _discover(model, example_input, seed):
-        layer = modules[name]
-        if not layer.weight.requires_grad:  # frozen: nothing to optimize
+    for layer in found:
+        m = modules[layer.name]
+        if not m.weight.requires_grad:  # frozen: nothing to optimize
             continue
-        params = [layer.weight] + ([layer.bias] if with_bias else [])
-        groups.append({"params": params, "psi": True, "name": name, **hyper})
+        params = [m.weight] + ([m.bias] if layer.with_bias else [])
+        groups.append({"params": params, "psi": True, "name": layer.name, **hyper})
         taken.update(id(p) for p in params)
     rest, seen = [], set()
     for p in model.parameters():

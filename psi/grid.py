@@ -492,7 +492,8 @@ def _launch(plan_path: Path, workers: list[str | None], threads: int, steal: boo
     procs = []
     n = len(workers)
     for k, gpu in enumerate(workers, 1):
-        env = dict(os.environ, PSI_PROGRESS="0", OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, PSI_PROGRESS="0", OMP_NUM_THREADS=str(threads),
+                   PSI_WORKER_CPUS=str(threads * procs_per_run))  # its share, for an image loader's processes
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log = logs / f"{name}.worker-{k}-of-{n}.log"

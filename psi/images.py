@@ -33,6 +33,7 @@ the JPEGs on the GPU with ``torchvision.io.decode_jpeg(device=...)``, then crops
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -305,6 +306,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch's threads would only compete
 
 
+@functools.cache
 def _torchvision_decoder() -> Callable[[list[Tensor], torch.device], list[Tensor]] | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -397,7 +399,10 @@ class ImageLoader:
     def _on_device(self, data: list[Tensor], boxes: Tensor, flips: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """nvjpeg: decode the batch's JPEGs on the device, then crop, resize (bilinear, antialiased, as
         PIL does) and flip each one there."""
-        images = self._decode(data, self.device)
+        try:
+            images = self._decode(data, self.device)
+        except RuntimeError:  # a JPEG the GPU decoder refuses (ILSVRC-2012 holds a few CMYK ones): PIL, one by one
+            images = [self._decode_one(d) for d in data]
         s = self.image_size
         out = []
         for img, (left, top, right, bottom), flip in zip(images, boxes.tolist(), flips.tolist(), strict=True):
@@ -406,6 +411,15 @@ class ImageLoader:
                                  align_corners=False)[0]
             out.append(crop.flip(2) if flip else crop)
         return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8), y
+
+    def _decode_one(self, data: Tensor) -> Tensor:
+        try:
+            return self._decode([data], self.device)[0]
+        except RuntimeError:
+            from PIL import Image
+
+            img = np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))
+            return torch.from_numpy(img).permute(2, 0, 1).to(self.device)
 
     def _normalize(self, x: Tensor) -> Tensor:
         x = (x.to(self.dtype) - self.mean) / self.std

@@ -85,6 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 EVAL_BATCH = 500  # evaluation batch: large (no gradients kept) and a divisor of CIFAR's 10000 test images
 DISCOVERY_EXAMPLES = 16  # images of the first batch that psi.param_groups runs the model on
+# at ImageNet's sizes, fewer: discovery's gradient screen keeps one float64 backward's activations
+# (about 0.2 GB per 224-pixel image for ResNet-50), and the verdict does not depend on the batch
+DISCOVERY_EXAMPLES_LARGE = 4
 
 
 class TrainingDiverged(RuntimeError):
@@ -546,7 +549,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     model = build_model(cfg.model, ds.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    example = next(iter(train.epoch(0)))[0][:DISCOVERY_EXAMPLES]
+    first = next(iter(train.epoch(0)))[0]
+    example = first[:DISCOVERY_EXAMPLES if first.shape[-1] <= 64 else DISCOVERY_EXAMPLES_LARGE]
     opt = optimizer_for(cfg, model, example)
     if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
         _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
@@ -655,10 +659,12 @@ def _loaders(cfg: Config, ds: D.Dataset | I.FileDataset, device: torch.device, r
 
 
 def default_workers(world: int) -> int:
-    """Decoding processes per training process: this machine's CPUs shared by the processes on it
-    (``LOCAL_WORLD_SIZE`` under torchrun), one left for the training process itself, at most 8."""
+    """Decoding processes per training process: this machine's CPUs (or the share ``psi.grid`` gives
+    its worker, ``PSI_WORKER_CPUS``) shared by the processes on it (``LOCAL_WORLD_SIZE`` under
+    torchrun), one left for the training process itself, at most 8."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = int(os.environ.get("PSI_WORKER_CPUS", cpus))
     return max(0, min(8, cpus // max(local, 1) - 1))
 
 

@@ -116,3 +116,89 @@ class DenseSE(nn.Module):
         y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
         h = self.bn_c(F.relu6(self.clipped(h + y)))
         return self.fc(h.mean((2, 3)))
+
+
+class FrozenBN(nn.Module):
+    """conv -> BN -> conv -> BN -> classifier; freeze a BN (``eval()`` while the rest trains) and the
+    layer before it is no longer invariant (running statistics: an affine map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+class KeepsBNFrozen(FrozenBN):
+    """A model whose ``train()`` keeps its BatchNorms in eval mode (as detection backbones do)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+class InstanceStyle(nn.Module):
+    """Per-channel norms other than BN: GroupNorm with one channel per group and InstanceNorm1d/2d/3d
+    (affine) make the layer before invariant; GroupNorm with 2 channels per group and LayerNorm do not."""
+
+    invariant = ["gn1", "in2", "in1", "in3"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gn1, self.n_gn1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(8, 8)
+        self.in2, self.n_in2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8, affine=True)
+        self.gn2, self.n_gn2 = nn.Conv2d(8, 8, 1, bias=False), nn.GroupNorm(2, 8)
+        self.ln, self.n_ln = nn.Conv2d(8, 8, 1, bias=False), nn.LayerNorm([8, 8, 8])
+        self.in1, self.n_in1 = nn.Conv1d(8, 6, 3, padding=1, bias=False), nn.InstanceNorm1d(6, affine=True)
+        self.in3, self.n_in3 = nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.InstanceNorm3d(4)
+        self.fc = nn.Linear(8 + 6 + 4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.n_gn1(self.gn1(x)))
+        x = F.relu(self.n_in2(self.in2(x)))
+        x = F.relu(self.n_gn2(self.gn2(x)))
+        x = self.n_ln(self.ln(x))
+        a = F.relu(self.n_in1(self.in1(x.mean(3))))
+        b = F.relu(self.n_in3(self.in3(x[:, :1, :4, :4].unsqueeze(1).expand(-1, -1, 4, -1, -1))))
+        return self.fc(torch.cat([x.mean((2, 3)), a.mean(2), b.mean((2, 3, 4))], 1))
+
+
+class MobileResNeXt(nn.Module):
+    """A MobileNetV2 inverted residual (1x1 expand, depthwise 3x3, 1x1 project, BN each, added to
+    its input) and a ResNeXt bottleneck (grouped 3x3, cardinality 4) with a projection shortcut;
+    a conv used twice (shared weights) with a BN after each use; a layer whose weight is also read
+    outside its module (tied), which is therefore not invariant."""
+
+    invariant = ["stem", "expand", "dw", "project", "reduce", "grouped", "widen", "short", "shared"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.expand, self.bn_e = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.dw, self.bn_dw = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False), nn.BatchNorm2d(64)
+        self.project, self.bn_p = nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.reduce, self.bn_r = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.grouped, self.bn_g = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4, bias=False), nn.BatchNorm2d(16)
+        self.widen, self.bn_w = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.short, self.bn_s = nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)
+        self.shared, self.bn_sh1, self.bn_sh2 = nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32), nn.BatchNorm2d(32)
+        self.tied, self.bn_t = nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu6(self.bn_e(self.expand(x)))
+        x = x + self.bn_p(self.project(F.relu6(self.bn_dw(self.dw(y)))))  # linear bottleneck, then the sum
+        y = F.relu(self.bn_g(self.grouped(F.relu(self.bn_r(self.reduce(x))))))
+        x = F.relu(self.bn_w(self.widen(y)) + self.bn_s(self.short(x)))
+        x = F.relu(self.bn_sh2(self.shared(F.relu(self.bn_sh1(self.shared(x))))))
+        h = x.mean((2, 3))
+        h = F.relu(self.bn_t(self.tied(h))) + h @ self.tied.weight.t()  # the weight, read outside self.tied
+        return self.fc(h)

@@ -419,3 +419,36 @@ def test_worker_slots_deal_gpus_per_run():
     cmd = worker_command(Path("plan.json"), 2, 4, 8, steal=False, procs_per_run=8)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
     assert cmd[-1] == "--no-steal" and "2/4" in cmd
+
+
+def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(jpeg_tree):
+    """nvjpeg refuses some JPEGs (CMYK ones, in ILSVRC-2012): the batch falls back image by image, and an
+    image that fails alone is decoded by PIL; the batches are the PIL path's."""
+    ds = D.load_dataset("imagefolder", jpeg_tree)
+    refused = {Path(ds.train_files[i]).read_bytes() for i in range(0, 24, 5)}
+    calls = []
+
+    def picky(data, device):
+        calls.append(len(data))
+        if any(d.numpy().tobytes() in refused for d in data):
+            raise RuntimeError("nvjpeg: unsupported")
+        return _pil_stand_in(data, device)
+
+    pil = list(_loader(ds).epoch(0))
+    gpu_path = list(_loader(ds, decoder="nvjpeg", decode=picky).epoch(0))
+    assert calls.count(6) == 4 and calls.count(1) == 6 * sum(  # a batch with a refused image goes one by one
+        any(ds.train_files[i] for i in s.tolist() if Path(ds.train_files[i]).read_bytes() in refused)
+        for s in _loader(ds)._slices(0))
+    for (a, _), (b, _) in zip(pil, gpu_path, strict=True):
+        assert (a - b).abs().mean() < 0.05
+
+
+def test_default_workers_share_the_cpus(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("PSI_WORKER_CPUS", "8")
+    assert train.default_workers(1) == 7  # one CPU left for the training process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.default_workers(4) == 1
+    monkeypatch.setenv("PSI_WORKER_CPUS", "64")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.default_workers(1) == 8  # at most 8

@@ -4,6 +4,8 @@
     python -m psi.bench ops       [--models resnet56 resnet20]   (default resnet56)
     python -m psi.bench epoch     [--models resnet56] [--images 384] [--rounds 5] [--threads 2]
     python -m psi.bench engine    (see psi.bench.engine)
+    python -m psi.bench discovery (see psi.bench.discovery)
+    python -m psi.bench loader    (see psi.bench.loader: image folders, decoding against training)
 
 ``optimizer``: the cost of one ``step()`` on a network's parameters, gradients set at random
 (the step does not look at where they came from), one thread on the CPU. ``psi.PSISGD``
@@ -259,7 +261,7 @@ def print_ops(models: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m psi.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["optimizer", "ops", "epoch", "engine"])
+    ap.add_argument("what", choices=["optimizer", "ops", "epoch", "engine", "discovery", "loader"])
     ap.add_argument("--models", nargs="+", default=None, help="default: resnet56 cifar_resnet18 (optimizer), resnet56 (ops)")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
     ap.add_argument("--rounds", type=int, help="timed rounds (default: 15; epoch: 5)")
@@ -272,6 +274,16 @@ def main(argv: list[str] | None = None) -> None:
         from psi.bench.engine import main as engine_main
 
         engine_main(argv[1:])
+        return
+    if argv[:1] == ["loader"]:
+        from psi.bench.loader import main as loader_main
+
+        loader_main(argv[1:])
+        return
+    if argv[:1] == ["discovery"]:
+        from psi.bench.discovery import main as discovery_main
+
+        discovery_main(argv[1:])
         return
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
