@@ -452,3 +452,21 @@ def test_default_workers_share_the_cpus(monkeypatch):
     monkeypatch.setenv("PSI_WORKER_CPUS", "64")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert train.default_workers(1) == 8  # at most 8
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, tmp_path):
+    """The multi-machine command of the README (torchrun --nnodes 2 --rdzv-backend c10d), both "nodes" on
+    this machine, one process each, sharing the run folder: one process's results (BN per half)."""
+    args = _args(tree, "--epochs", "1", "--optimizer", "psi-sgd")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:29523", "--rdzv-id", "psi-test"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PSI_PROGRESS": "0"}
+    nodes = [subprocess.Popen([*launcher, "-m", "psi.train", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(e[-1500:] for _, e in outs)
+    assert _cli(*args, "--bn-split", "2", "--out", str(tmp_path / "one")).returncode == 0
+    (summary,) = list((tmp_path / "ddp").glob("*/summary.json"))
+    assert json.loads(summary.read_text())["world_size"] == 2
+    assert [x["train_loss"] for x in _rows(tmp_path / "ddp")] == pytest.approx(
+        [x["train_loss"] for x in _rows(tmp_path / "one")], rel=1e-5)

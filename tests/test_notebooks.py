@@ -120,4 +120,27 @@ def test_a_wrong_parameter_is_named(tmp_path):
 
 def test_run_all_refuses_a_bad_profile():
     r = subprocess.run(["bash", "run_all.sh", "--profile", "fast"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "smoke, quick or paper" in r.stderr
+    assert r.returncode == 2 and "smoke, quick, paper or imagenet" in r.stderr
+
+
+def test_the_imagenet_profile_fills_table1s_imagenet_rows(tmp_path):
+    """Notebook 04 under the imagenet profile (shrunk to one epoch of a generated ILSVRC-like folder), then
+    notebook 05: its Table 1 holds the ImageNet ResNet-18 cells beside the paper's, and they leave "not run"."""
+    from tests.test_images import make_tree
+
+    tree, runs, figs = make_tree(tmp_path / "imagenet"), tmp_path / "runs", tmp_path / "figures"
+    small = "{models: [resnet18], optimizers: [sgd, psi-sgdm], seeds: [0], epochs: 1, batch_size: 8, image_size: 32}"
+    for nb, params in (("04_cifar", ["-p", "profile", "imagenet", "-p", "data_dir", str(tree), "-y", small,
+                                     "-p", "threads", "1"]),
+                       ("05_analysis", [])):
+        r = subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{nb}.ipynb", str(tmp_path / f"{nb}.ipynb"),
+                            "--cwd", "notebooks", "-p", "runs_dir", str(runs), "-p", "figures_dir", str(figs / nb),
+                            *params], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads(next(runs.glob("imagenet-resnet18-sgd-*/config.json")).read_text())
+    assert (config["epochs"], config["milestones"], config["image_size"]) == (1, [0.3, 0.6, 0.9], 32)
+    table = (figs / "05_analysis" / "table1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| imagenet")]
+    assert len(rows) == 1 and "paper 67.72" in rows[0] and "paper 69.42" in rows[0]  # SGD, PSI-SGDM: Table 1
+    not_run = (figs / "05_analysis" / "not_run.csv").read_text()
+    assert "imagenet,resnet18,sgd," not in not_run and "imagenet,resnet18,adam," in not_run
