@@ -344,7 +344,7 @@ def _timed_ips(cfg: Config, steps: int) -> float:
     side = r.image_size or 32  # ImageNet's crops, else CIFAR's images
     x = torch.randn(r.batch_size, 3, side, side, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (r.batch_size,), device=device)
-    opt = optimizer_for(r, model, x[:16])
+    opt = optimizer_for(r, model, x[:16 if side <= 64 else 4])  # discovery's examples, as the engine takes them
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
     model.train()
 
@@ -419,8 +419,12 @@ def work(plan_path: str | os.PathLike, shard: tuple[int, int] = (1, 1), threads:
     mine = [c for i, c in enumerate(configs) if i % n == k - 1]
     selecting = p["phase"] == "select"
     failed = set()
+    # a data-parallel worker (under torchrun): its processes must take the same runs in the same order, so
+    # one pass over its own shard; a second look at a run one of them just finished could differ between them
+    together = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    passes_of = [mine] if together else [mine, configs[::-1] if steal else mine]
     with _selection_lock(base, shared=True) if selecting else contextlib.nullcontext():
-        for passes, todo in enumerate([mine, configs[::-1] if steal else mine]):
+        for passes, todo in enumerate(passes_of):
             for c in todo:
                 name = c.run_dir().name
                 if (c.run_dir() / "summary.json").is_file() or name in failed or (
@@ -444,6 +448,8 @@ def work(plan_path: str | os.PathLike, shard: tuple[int, int] = (1, 1), threads:
         print(f"{time.strftime('%H:%M:%S')} choosing the learning rates", flush=True)
         selected, _ = select_lrs(p["settings"], base, ds)
         print(f"{time.strftime('%H:%M:%S')} chosen:", {f"{m}/{o}": lr for (m, o), lr in selected.items()}, flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0 if selecting else len(failed)  # a rate that diverges is one the selection does not choose
 
 

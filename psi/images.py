@@ -291,16 +291,36 @@ class _Batches(torch.utils.data.Dataset):
         if not self.raw:
             x = np.stack([_decode_pil(self.files[i], self._box_of(i), self.size, self.draft) for i in idx])
             return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y
+        return self._raw(idx) + (y,)
+
+    def _raw(self, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """nvjpeg's item: the batch's JPEG files as one byte buffer with their lengths (one shared-memory
+        tensor per batch, not one file descriptor per image), their boxes and flips; every other image
+        (a PNG, a CMYK or other non-RGB JPEG, which nvjpeg would reject or miscolour) is decoded and
+        cropped here by PIL, ``done`` (N, 3, size, size), and ``on_gpu`` says which are which."""
         from PIL import Image
 
-        data, boxes, flips = [], [], []
+        blobs, boxes, flips, on_gpu, done = [], [], [], [], []
         for i in idx:
-            with Image.open(self.files[i]) as img:  # the header only: the size, for the box
-                box, flip = self._box_of(i)(*img.size)
-            data.append(torch.frombuffer(bytearray(Path(self.files[i]).read_bytes()), dtype=torch.uint8))
-            boxes.append(box)
-            flips.append(flip)
-        return data, torch.tensor(boxes, dtype=torch.float64), torch.tensor(flips), y
+            with Image.open(self.files[i]) as img:  # the header only: the size, for the box, and the format
+                jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+                size = img.size
+            on_gpu.append(jpeg)
+            if jpeg:
+                box, flip = self._box_of(i)(*size)
+                blobs.append(Path(self.files[i]).read_bytes())
+                boxes.append(box)
+                flips.append(flip)
+            else:
+                done.append(torch.from_numpy(_decode_pil(self.files[i], self._box_of(i), self.size, self.draft)))
+        joined = b"".join(blobs)
+        data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+        lengths = torch.tensor([len(b) for b in blobs], dtype=torch.long)
+        side = self.size
+        decoded = (torch.stack(done).permute(0, 3, 1, 2).contiguous() if done
+                   else torch.empty(0, 3, side, side, dtype=torch.uint8))
+        return (data, lengths, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                torch.tensor(flips, dtype=torch.bool), torch.tensor(on_gpu, dtype=torch.bool), decoded)
 
 
 def _worker_init(_: int) -> None:
@@ -320,15 +340,14 @@ def _torchvision_decoder() -> Callable[[list[Tensor], torch.device], list[Tensor
     return decode
 
 
-def resolve_decoder(decoder: str, device: torch.device, files: np.ndarray | None = None) -> str:
-    """``auto``: ``nvjpeg`` on CUDA when torchvision's GPU decoder is installed and every file is a JPEG,
-    else ``pil``. Asking for ``nvjpeg`` where it cannot run is an error that says why."""
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """``auto``: ``nvjpeg`` on CUDA when torchvision's GPU decoder is installed, else ``pil``. Asking for
+    ``nvjpeg`` where it cannot run is an error that says why. (Under nvjpeg, the files it cannot take,
+    PNGs and non-RGB JPEGs, are decoded by PIL in the workers.)"""
     if decoder not in DECODERS:
         raise ValueError(f"invalid decoder {decoder!r}; valid: {', '.join(DECODERS)}")
-    jpegs = files is None or all(str(f).lower().endswith((".jpg", ".jpeg")) for f in files)
     why = ("it needs a CUDA device" if device.type != "cuda" else
-           "torchvision (torchvision.io.decode_jpeg) is not installed" if _torchvision_decoder() is None else
-           "some files are not JPEGs" if not jpegs else None)
+           "torchvision (torchvision.io.decode_jpeg) is not installed" if _torchvision_decoder() is None else None)
     if decoder == "nvjpeg" and why:
         raise ValueError(f"decoder nvjpeg: {why}. Use --decoder pil (or auto).")
     if decoder == "auto":
@@ -357,7 +376,10 @@ class ImageLoader:
         self.dtype, self.channels_last = dtype, channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world, self.workers, self.draft = rank, world, workers, draft
-        self.decoder = decoder if decode is not None else resolve_decoder(decoder, self.device, files)
+        self.decoder = decoder if decode is not None else resolve_decoder(decoder, self.device)
+        # nvjpeg on CUDA: decoding and cropping run on a stream of their own (see _on_device)
+        self._stream = torch.cuda.Stream(self.device) if self.decoder == "nvjpeg" and self.device.type == "cuda" \
+            else None
         self._decode = decode or (_torchvision_decoder() if self.decoder == "nvjpeg" else None)
         self.mean = torch.tensor(mean, device=self.device, dtype=dtype).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device, dtype=dtype).view(1, 3, 1, 1)
@@ -397,30 +419,67 @@ class ImageLoader:
             x = x.to(self.device, non_blocking=True)
             yield self._normalize(x), y.to(self.device, non_blocking=True)
 
-    def _on_device(self, data: list[Tensor], boxes: Tensor, flips: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _on_device(self, data: Tensor, lengths: Tensor, boxes: Tensor, flips: Tensor, on_gpu: Tensor,
+                   decoded: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """nvjpeg: decode the batch's JPEGs on the device, then crop, resize (bilinear, antialiased, as
-        PIL does) and flip each one there."""
+        PIL does; the crop at whole pixels, within a pixel of PIL's box) and flip each one there; the
+        images PIL decoded in the worker join them in batch order.
+
+        On CUDA this runs on the loader's own stream, after waiting for that stream's previous batch:
+        torchvision's decoder writes its outputs from a stream that does not wait for the caller's, so
+        on the training stream it could be handed memory the last, still queued, training step reads
+        (pytorch/vision#9606). The training stream then waits for this one, and the batch is marked
+        as used there."""
+        if self._stream is None:
+            return self._crop_all(data, lengths, boxes, flips, on_gpu, decoded), y
+        self._stream.synchronize()  # its previous batch is done: memory freed on it is free for nvjpeg
+        with torch.cuda.stream(self._stream):
+            x = self._crop_all(data, lengths, boxes, flips, on_gpu, decoded)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self._stream)
+        x.record_stream(main)
+        return x, y
+
+    def _crop_all(self, data: Tensor, lengths: Tensor, boxes: Tensor, flips: Tensor, on_gpu: Tensor,
+                  decoded: Tensor) -> Tensor:
+        blobs = list(data.split(lengths.tolist())) if len(lengths) else []
         try:
-            images = self._decode(data, self.device)
-        except RuntimeError:  # a JPEG the GPU decoder refuses (ILSVRC-2012 holds a few CMYK ones): PIL, one by one
-            images = [self._decode_one(d) for d in data]
-        s = self.image_size
-        out = []
-        for img, (left, top, right, bottom), flip in zip(images, boxes.tolist(), flips.tolist(), strict=True):
-            crop = img[:, int(top):max(int(top) + 1, round(bottom)), int(left):max(int(left) + 1, round(right))]
-            crop = F.interpolate(crop[None].float(), size=(s, s), mode="bilinear", antialias=True,
-                                 align_corners=False)[0]
-            out.append(crop.flip(2) if flip else crop)
-        return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8), y
+            images = self._decode(blobs, self.device) if blobs else []
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # a JPEG the GPU decoder refuses: the others on the GPU, that one by PIL
+            images = [self._decode_one(d) for d in blobs]
+        crops = iter(self._crop(img, box, flip) for img, box, flip in zip(images, boxes.tolist(), flips.tolist(),
+                                                                          strict=True))
+        cpu = iter(decoded.to(self.device, non_blocking=True))
+        return torch.stack([next(crops) if g else next(cpu) for g in on_gpu.tolist()])
+
+    def _crop(self, img: Tensor, box: list[float], flip: bool) -> Tensor:
+        left, top, right, bottom = box
+        crop = img[:, int(top):max(int(top) + 1, round(bottom)), int(left):max(int(left) + 1, round(right))]
+        crop = F.interpolate(crop[None].float(), size=(self.image_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+        return (crop.flip(2) if flip else crop).round_().clamp_(0, 255).to(torch.uint8)
 
     def _decode_one(self, data: Tensor) -> Tensor:
         try:
             return self._decode([data], self.device)[0]
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             from PIL import Image
 
             img = np.array(Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB"))
             return torch.from_numpy(img).permute(2, 0, 1).to(self.device)
+
+    def sample(self, n: int) -> Tensor:
+        """The first ``n`` images of epoch 0's first batch (this process's slice), decoded in this
+        process: an example batch (for discovery) without starting the workers."""
+        items = _Batches(self.files, self.labels, [self._slices(0)[0][:n]], train=self.train, seed=self.seed,
+                         epoch=0, size=self.image_size, raw=self.decoder == "nvjpeg", draft=self.draft)
+        item = items[0]
+        x = self._on_device(*item)[0] if items.raw else item[0]
+        return self._normalize(x.to(self.device))
 
     def _normalize(self, x: Tensor) -> Tensor:
         x = (x.to(self.dtype) - self.mean) / self.std

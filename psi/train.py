@@ -485,14 +485,49 @@ def run(cfg: Config, dataset: D.Dataset | None = None) -> dict[str, Any]:
                          "--compile, or train one run per GPU (python -m psi.grid run --gpus ...).")
     cfg = cfg.resolved(world)
     out = cfg.run_dir()
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
+    if (done := _finished(out, rank, world)) is not None:
+        return done
     with _rank0_lock(out, rank, world):
         if world > 1:
             _check_shared_folder(out, rank, world)
-        if (out / "summary.json").is_file():  # finished while we waited for the lock
-            return json.loads((out / "summary.json").read_text())
+        if (done := _finished(out, rank, world)) is not None:  # finished while we waited for the lock
+            return done
         return _train(cfg, device, rank, world, out, dataset)
+
+
+def _finished(out: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """The run's summary if it is finished, else None: rank 0 looks and tells the others, so that every
+    process takes the same branch (one that looked a moment earlier, before rank 0's summary reached
+    the file system, would otherwise train alone and wait in a collective no one else joins)."""
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if rank == 0 and path.is_file() else None
+    if world > 1:
+        box = [summary]
+        torch.distributed.broadcast_object_list(box, src=0)
+        summary = box[0]
+    return summary
+
+
+# How long a process of another node keeps looking for rank 0's token in the run folder: NFS may answer
+# "no such file" from its cache of a lookup made before rank 0 created the folder (for up to its
+# attribute timeout, 30-60 s by default); a node without the shared file system never sees it.
+SHARED_FOLDER_PATIENCE = 60.0
+
+
+def _sees_token(path: Path, token: str, patience: float) -> bool:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if json.loads(path.read_text())["token"] == token:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent.parent)  # a fresh lookup of the folders on the way
+            os.listdir(path.parent)
+        time.sleep(1.0)
 
 
 def _check_shared_folder(out: Path, rank: int, world: int) -> None:
@@ -504,10 +539,7 @@ def _check_shared_folder(out: Path, rank: int, world: int) -> None:
         _write_json(out / ".world", {"token": token, "world_size": world})
     box = [token]
     torch.distributed.broadcast_object_list(box, src=0)
-    try:
-        seen = json.loads((out / ".world").read_text())["token"] == box[0]
-    except (OSError, ValueError, KeyError):
-        seen = False
+    seen = _sees_token(out / ".world", box[0], patience=0 if rank == 0 else SHARED_FOLDER_PATIENCE)
     views: list[Any] = [None] * world
     torch.distributed.all_gather_object(views, (socket.gethostname(), seen))
     blind = sorted({host for host, ok in views if not ok})
@@ -549,8 +581,10 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     model = build_model(cfg.model, ds.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    first = next(iter(train.epoch(0)))[0]
-    example = first[:DISCOVERY_EXAMPLES if first.shape[-1] <= 64 else DISCOVERY_EXAMPLES_LARGE]
+    if isinstance(train, I.ImageLoader):  # a few images decoded here, not the workers' first batches
+        example = train.sample(DISCOVERY_EXAMPLES if cfg.image_size <= 64 else DISCOVERY_EXAMPLES_LARGE)
+    else:
+        example = next(iter(train.epoch(0)))[0][:DISCOVERY_EXAMPLES]
     opt = optimizer_for(cfg, model, example)
     if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
         _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
@@ -662,10 +696,30 @@ def default_workers(world: int) -> int:
     """Decoding processes per training process: this machine's CPUs (or the share ``psi.grid`` gives
     its worker, ``PSI_WORKER_CPUS``) shared by the processes on it (``LOCAL_WORLD_SIZE`` under
     torchrun), one left for the training process itself, at most 8."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # torchrun sets LOCAL_WORLD_SIZE; under srun, SLURM's tasks per node ("8" or "8(x2)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cpus = int(os.environ.get("PSI_WORKER_CPUS", cpus))
     return max(0, min(8, cpus // max(local, 1) - 1))
+
+
+def _check_same_files(ds: I.FileDataset, world: int) -> None:
+    """Every process must list the same images with the same labels (each node may hold its own copy of
+    the dataset): a count that differs gives ranks different numbers of steps (DDP then waits forever),
+    and other contents give the same index different images. Compared by a digest of the file names
+    relative to the dataset's folder, and of the labels."""
+    h = hashlib.sha1()
+    for files, labels in ((ds.train_files, ds.train_y), (ds.test_files, ds.test_y)):
+        h.update("\n".join(os.path.relpath(f, ds.source) for f in files).encode())
+        h.update(labels.numpy().tobytes())
+    mine = (socket.gethostname(), ds.source, len(ds.train_files), len(ds.test_files), h.hexdigest())
+    views: list[Any] = [None] * world
+    torch.distributed.all_gather_object(views, mine)
+    if len({v[2:] for v in views}) > 1:
+        rows = "; ".join(f"rank {r} on {v[0]}: {v[2]} training and {v[3]} evaluation images in {v[1]}"
+                         for r, v in enumerate(views))
+        raise D.DataError(f"the processes of this run do not see the same dataset ({rows}). Fix: give every node "
+                          f"the same copy (or one shared folder) of {ds.name}.")
 
 
 def _image_loaders(cfg: Config, ds: I.FileDataset, device: torch.device, rank: int,
@@ -679,6 +733,8 @@ def _image_loaders(cfg: Config, ds: I.FileDataset, device: torch.device, rank: i
         eval_files, eval_y, eval_name = ds.train_files[val_idx.numpy()], ds.train_y[val_idx], "val"
     if cfg.subset:
         train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
+    if world > 1:
+        _check_same_files(ds, world)
     workers = default_workers(world) if cfg.workers is None else cfg.workers
     kw = dict(device=device, channels_last=cfg.channels_last, image_size=cfg.image_size, rank=rank, world=world,
               workers=workers, decoder=cfg.decoder or "auto")

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,9 +246,7 @@ def test_the_decoder_is_chosen_and_refused_with_reasons(monkeypatch):
         I.resolve_decoder("nvjpeg", cuda)
     monkeypatch.setattr(I, "_torchvision_decoder", lambda: _pil_stand_in)
     assert I.resolve_decoder("auto", cuda) == "nvjpeg"
-    assert I.resolve_decoder("auto", cuda, np.array(["a.jpg", "b.png"])) == "pil"
-    with pytest.raises(ValueError, match="not JPEGs"):
-        I.resolve_decoder("nvjpeg", cuda, np.array(["a.png"]))
+    assert train.Config(dataset="imagefolder", device="cuda").resolved().decoder == "nvjpeg"  # PNGs or not
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -421,6 +420,55 @@ def test_worker_slots_deal_gpus_per_run():
     assert cmd[-1] == "--no-steal" and "2/4" in cmd
 
 
+def test_the_gpu_path_takes_pngs_and_cmyk_jpegs_through_pil_in_the_workers(tree, tmp_path):
+    """A folder of JPEGs, PNGs and a CMYK JPEG under nvjpeg: the GPU decoder sees only RGB/grey JPEGs
+    (nvjpeg rejects or miscolours the others), and the batches are the PIL path's, in order."""
+    shutil.copytree(tree, tmp_path / "tree")  # the module's tree stays as it is
+    ds = D.load_dataset("imagefolder", tmp_path / "tree")
+    cmyk = Path(ds.train_files[2])
+    Image.open(cmyk).convert("CMYK").save(cmyk, format="JPEG")
+    seen = []
+
+    def stand_in(data, device):
+        for d in data:
+            img = Image.open(io.BytesIO(d.numpy().tobytes()))
+            seen.append((img.format, img.mode))
+        return _pil_stand_in(data, device)
+
+    pil = list(_loader(ds, workers=1).epoch(0))
+    gpu_path = list(_loader(ds, decoder="nvjpeg", decode=stand_in, workers=1).epoch(0))
+    assert seen and set(seen) == {("JPEG", "RGB")}  # no PNG, no CMYK reached it
+    assert len(seen) == sum(1 for f in ds.train_files if str(f).endswith(".jpg")) - 1
+    for (a, ya), (b, yb) in zip(pil, gpu_path, strict=True):
+        assert torch.equal(ya, yb) and (a - b).abs().mean() < 0.05
+
+
+def test_a_large_batch_of_files_keeps_file_descriptors_few(tmp_path):
+    """nvjpeg's worker items hold a batch's bytes in one tensor: one file descriptor per batch crossing
+    from a worker, not one per image (with 300 images per batch and 256 descriptors allowed, one per
+    image runs out: 'Too many open files')."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        (tmp_path / "val" / f"c{c}").mkdir(parents=True)
+        _image(rng, c, 8, 8).save(tmp_path / "val" / f"c{c}" / "0.jpg")
+        for i in range(150):
+            _image(rng, c, 12, 10).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from psi import data as D, images as I
+from test_images import _pil_stand_in
+ds = D.load_dataset("imagefolder", {str(tmp_path)!r})
+loader = I.ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 300, train=True, image_size=8, workers=1,
+                       decoder="nvjpeg", decode=_pil_stand_in)
+print(sum(len(x) for x, _ in loader.epoch(0)))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["300"], r.stderr[-2000:]
+
+
 def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(jpeg_tree):
     """nvjpeg refuses some JPEGs (CMYK ones, in ILSVRC-2012): the batch falls back image by image, and an
     image that fails alone is decoded by PIL; the batches are the PIL path's."""
@@ -470,3 +518,73 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, tmp_path):
     assert json.loads(summary.read_text())["world_size"] == 2
     assert [x["train_loss"] for x in _rows(tmp_path / "ddp")] == pytest.approx(
         [x["train_loss"] for x in _rows(tmp_path / "one")], rel=1e-5)
+
+
+def test_nodes_with_different_copies_of_the_dataset_are_refused(tree, tmp_path):
+    """Each node may list its own copy: one image fewer on rank 1 would give it one step fewer per epoch
+    (and DDP would wait forever); the run stops on every rank, naming each one's count."""
+    other = tmp_path / "copy"
+    shutil.copytree(tree, other)
+    next((other / "train" / CLASSES[0]).glob("*.jpg")).unlink()
+    script = f"""
+import sys, torch.distributed as dist
+sys.path.insert(0, {str(ROOT)!r})
+from psi import data as D, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+ds = D.load_dataset("imagefolder", {str(tree)!r} if rank == 0 else {str(other)!r})
+try:
+    train._check_same_files(ds, 2)
+    print("accepted")
+except D.DataError as e:
+    print("refused:", e)
+"""
+    (tmp_path / "check.py").write_text(script)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29525", str(tmp_path / "check.py")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("refused:") == 2 and "24 training" in r.stdout and "23 training" in r.stdout
+
+
+def test_a_slow_shared_file_system_is_waited_for(tmp_path):
+    """NFS may say "no such file" for a while after another node created it: a rank keeps looking."""
+    import threading
+
+    path = tmp_path / "run" / ".world"
+    assert not train._sees_token(path, "t", patience=0)
+    path.parent.mkdir()
+    threading.Timer(1.5, lambda: path.write_text(json.dumps({"token": "t"}))).start()
+    t0 = time.monotonic()
+    assert train._sees_token(path, "t", patience=10) and 1.4 < time.monotonic() - t0 < 5
+    assert not train._sees_token(path, "other", patience=1)
+
+
+def test_a_data_parallel_grid_worker_agrees_on_a_run_rank_0_finishes_late(tree, tmp_path):
+    """Rank 0 writes a run's summary after the others leave the run (here 1 s late, as on a slow file
+    system): the worker's processes must still take the same runs (rank 1 alone in a collective would
+    fail or hang)."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from psi import grid, notebook, train
+write = train._write_json
+def late(path, obj):
+    if path.name == "summary.json":
+        time.sleep(1.0)
+    write(path, obj)
+train._write_json = late
+settings = notebook.study_settings("imagenet", models=["resnet18"], optimizers=["sgd", "psi-sgd"], seeds=[0],
+                                   epochs=1, batch_size=8, image_size=32)
+base = grid.base_config(settings, {str(tmp_path / "runs")!r}, data_dir={str(tree)!r})
+configs = grid.distinct(grid.study_configs(settings, base, {{}}))
+plan = grid._plan_file(Path({str(tmp_path)!r}), "study", "", settings, base, configs)
+sys.exit(grid.work(plan, (1, 1), threads=1, steal=False))
+"""
+    (tmp_path / "worker.py").write_text(script)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29527", str(tmp_path / "worker.py")], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PSI_PROGRESS": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "runs").glob("*/summary.json"))) == 2
