@@ -150,7 +150,12 @@ NETS = {
     "dense_se": (DenseSE, (6, 3, 8, 8)), "instance_style": (InstanceStyle, (4, 3, 8, 8)),
     "mobile_resnext": (MobileResNeXt, (4, 3, 8, 8)), "resnet20": (resnet20, (4, 3, 32, 32)),
     "bnmlp": (lambda: BNMLP(5, [7, 7], 3), (6, 5)), "frozen_bn": (lambda: _frozen(m := FrozenBN(), m.bn2), (4, 3, 8, 8)),
-    "keeps_bn_frozen": (lambda: KeepsBNFrozen().train(), (4, 3, 8, 8))}
+    "keeps_bn_frozen": (lambda: KeepsBNFrozen().train(), (4, 3, 8, 8)),
+    # two samples: a BatchNorm1d over 2 outputs +-1 whatever comes in, so every gradient before it is
+    # rounding; the screen must not read noise over noise as a dependence (it did, and missed layers)
+    "mixed_two_samples": (Mixed, (2, 3, 16, 16)), "bnmlp_two_samples": (lambda: BNMLP(5, [7, 7], 3), (2, 5)),
+    "ends_in_bn_two_samples": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.BatchNorm1d(3)),
+                               (2, 5))}
 
 
 @pytest.mark.parametrize("name", NETS)
