@@ -326,6 +326,20 @@ def split_validation(y: Tensor, n_val: int, seed: int = 0) -> tuple[Tensor, Tens
 
 # -- loader ----------------------------------------------------------------------------------
 
+class Normalize:
+    """uint8-scale images to ``(x - mean) / std`` per channel, in ``dtype`` and, with ``channels_last``,
+    that memory format: the last step of every loader (CIFAR's here, image folders' in psi.images)."""
+
+    def __init__(self, mean, std, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+        self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = (x.to(self.dtype) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
 class BatchLoader:
     """Batches from images kept on the device as one uint8 tensor (cifar10-airbench style).
 
@@ -340,10 +354,8 @@ class BatchLoader:
                  channels_last: bool = False, drop_last: bool | None = None, rank: int = 0, world: int = 1) -> None:
         self.device = torch.device(device)
         self.x, self.y = x.to(self.device), y.to(self.device)
-        self.mean = torch.tensor(mean, device=self.device, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device, dtype=dtype).view(1, 3, 1, 1)
+        self._normalize = Normalize(mean, std, self.device, dtype, channels_last)
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.dtype, self.channels_last = dtype, channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world = rank, world
         if batch_size % world:
@@ -352,10 +364,6 @@ class BatchLoader:
     def __len__(self) -> int:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _normalize(self, x: Tensor) -> Tensor:
-        x = (x.to(self.dtype) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def epoch(self, epoch: int):
         """Yield (images, labels) for one epoch (this process's slice)."""

@@ -47,7 +47,7 @@ from .models import MODELS, build_model
 from .notebook import PROFILES, ParameterError, check_choice, check_positive, parse_shard, study_settings
 from .optimizers import LR, OPTIMIZERS
 from .study import read_selected_files, select_lr, selection_config, write_selected
-from .train import SCHEDULES, Config, lock_holder, optimizer_for, sweep
+from .train import SCHEDULES, Config, discovery_examples, lock_holder, optimizer_for, sweep
 
 __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "study_configs", "distinct", "plan",
            "cost_order", "run_states", "epoch_seconds", "main"]
@@ -344,7 +344,7 @@ def _timed_ips(cfg: Config, steps: int) -> float:
     side = r.image_size or 32  # ImageNet's crops, else CIFAR's images
     x = torch.randn(r.batch_size, 3, side, side, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (r.batch_size,), device=device)
-    opt = optimizer_for(r, model, x[:16 if side <= 64 else 4])  # discovery's examples, as the engine takes them
+    opt = optimizer_for(r, model, x[:discovery_examples(side)])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
     model.train()
 

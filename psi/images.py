@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import DataError
+from .data import EPOCH_SEED_STRIDE, DataError, Normalize
 
 __all__ = ["FileDataset", "load_image_folder", "ImageLoader", "resolve_decoder", "IMAGE_DATASETS", "IMAGENET_MEAN",
            "IMAGENET_STD", "EXTENSIONS", "DECODERS", "train_box", "eval_box"]
@@ -64,8 +64,6 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # 224 of 256
 _WNID = re.compile(r"^n\d{8}$")
-# the same stride as psi.data's: epoch e of seed s is its own stream, a function of (s, e) alone
-EPOCH_SEED_STRIDE = 100003
 
 
 @dataclass
@@ -373,7 +371,6 @@ class ImageLoader:
         self.device = torch.device(device)
         self.files, self.labels = files, labels
         self.batch_size, self.train, self.seed, self.image_size = batch_size, train, seed, image_size
-        self.dtype, self.channels_last = dtype, channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world, self.workers, self.draft = rank, world, workers, draft
         self.decoder = decoder if decode is not None else resolve_decoder(decoder, self.device)
@@ -381,8 +378,7 @@ class ImageLoader:
         self._stream = torch.cuda.Stream(self.device) if self.decoder == "nvjpeg" and self.device.type == "cuda" \
             else None
         self._decode = decode or (_torchvision_decoder() if self.decoder == "nvjpeg" else None)
-        self.mean = torch.tensor(mean, device=self.device, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device, dtype=dtype).view(1, 3, 1, 1)
+        self._normalize = Normalize(mean, std, self.device, dtype, channels_last)
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world}")
 
@@ -480,7 +476,3 @@ class ImageLoader:
         item = items[0]
         x = self._on_device(*item)[0] if items.raw else item[0]
         return self._normalize(x.to(self.device))
-
-    def _normalize(self, x: Tensor) -> Tensor:
-        x = (x.to(self.dtype) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

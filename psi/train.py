@@ -54,8 +54,8 @@ from .models import MODELS, build_model
 from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effective_lr
 from .psisgd import MAX_NORM
 
-__all__ = ["Config", "configs_from_args", "run", "sweep", "lr_factor", "optimizer_for", "TrainingDiverged", "RunLocked",
-           "lock_holder", "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
+__all__ = ["Config", "configs_from_args", "discovery_examples", "run", "sweep", "lr_factor", "optimizer_for",
+           "TrainingDiverged", "RunLocked", "lock_holder", "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -88,6 +88,11 @@ DISCOVERY_EXAMPLES = 16  # images of the first batch that psi.param_groups runs 
 # at ImageNet's sizes, fewer: discovery's gradient screen keeps one float64 backward's activations
 # (about 0.2 GB per 224-pixel image for ResNet-50), and the verdict does not depend on the batch
 DISCOVERY_EXAMPLES_LARGE = 4
+
+
+def discovery_examples(side: int) -> int:
+    """How many images discovery runs the model on, for images ``side`` pixels wide."""
+    return DISCOVERY_EXAMPLES if side <= 64 else DISCOVERY_EXAMPLES_LARGE
 
 
 class TrainingDiverged(RuntimeError):
@@ -582,9 +587,9 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if isinstance(train, I.ImageLoader):  # a few images decoded here, not the workers' first batches
-        example = train.sample(DISCOVERY_EXAMPLES if cfg.image_size <= 64 else DISCOVERY_EXAMPLES_LARGE)
+        example = train.sample(discovery_examples(cfg.image_size))
     else:
-        example = next(iter(train.epoch(0)))[0][:DISCOVERY_EXAMPLES]
+        example = next(iter(train.epoch(0)))[0][:discovery_examples(32)]
     opt = optimizer_for(cfg, model, example)
     if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
         _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
@@ -671,22 +676,42 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     return json.loads(json.dumps(summary))  # as it reads back from summary.json
 
 
-def _loaders(cfg: Config, ds: D.Dataset | I.FileDataset, device: torch.device, rank: int,
-             world: int) -> tuple[D.BatchLoader | I.ImageLoader, D.BatchLoader | I.ImageLoader, str]:
-    """The training loader (this process's slice) and the evaluation loader (test or validation)."""
-    if isinstance(ds, I.FileDataset):
-        return _image_loaders(cfg, ds, device, rank, world)
-    train_idx = torch.arange(len(ds.train_y))
-    eval_x, eval_y, eval_name = ds.test_x, ds.test_y, "test"
+def _split(cfg: Config, ds: D.Dataset | I.FileDataset) -> tuple[Tensor, Tensor | None]:
+    """Indices of the training images (after ``val_size`` held out and ``subset``) and of the held-out
+    validation images (None: the dataset's own test split is evaluated)."""
+    train_idx, val_idx = torch.arange(len(ds.train_y)), None
     if cfg.val_size:
         train_idx, val_idx = D.split_validation(ds.train_y, cfg.val_size)
-        eval_x, eval_y, eval_name = ds.train_x[val_idx], ds.train_y[val_idx], "val"
     if cfg.subset:
         train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
-    device_kw = dict(device=device, channels_last=cfg.channels_last)
-    train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True,
-                          seed=cfg.seed, rank=rank, world=world, **device_kw)
-    evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, EVAL_BATCH, train=False, **device_kw)
+    return train_idx, val_idx
+
+
+def _loaders(cfg: Config, ds: D.Dataset | I.FileDataset, device: torch.device, rank: int,
+             world: int) -> tuple[D.BatchLoader | I.ImageLoader, D.BatchLoader | I.ImageLoader, str]:
+    """The training loader (this process's slice) and the evaluation loader (test or validation).
+    CIFAR is held on the device whole; image folders stream from disk, each process decoding only its
+    slice of every batch, the evaluation's too (:func:`evaluate` sums the slices over the processes)."""
+    train_idx, val_idx = _split(cfg, ds)
+    eval_name = "test" if val_idx is None else "val"
+    if isinstance(ds, I.FileDataset):
+        if world > 1:
+            _check_same_files(ds, world)
+        files = ds.train_files[train_idx.numpy()]
+        eval_files, eval_y = (ds.test_files, ds.test_y) if val_idx is None else (ds.train_files[val_idx.numpy()],
+                                                                                 ds.train_y[val_idx])
+        kw: dict[str, Any] = dict(device=device, channels_last=cfg.channels_last, image_size=cfg.image_size, rank=rank,
+                                  world=world, decoder=cfg.decoder or "auto",
+                                  workers=default_workers(world) if cfg.workers is None else cfg.workers)
+        train = I.ImageLoader(files, ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size, train=True, seed=cfg.seed,
+                              **kw)
+        evaluation = I.ImageLoader(eval_files, eval_y, ds.mean, ds.std, max(cfg.batch_size, world), train=False, **kw)
+    else:
+        eval_x, eval_y = (ds.test_x, ds.test_y) if val_idx is None else (ds.train_x[val_idx], ds.train_y[val_idx])
+        device_kw = dict(device=device, channels_last=cfg.channels_last)
+        train = D.BatchLoader(ds.train_x[train_idx], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size,
+                              train=True, seed=cfg.seed, rank=rank, world=world, **device_kw)
+        evaluation = D.BatchLoader(eval_x, eval_y, ds.mean, ds.std, EVAL_BATCH, train=False, **device_kw)
     if len(train) == 0:
         raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
     return train, evaluation, eval_name
@@ -720,30 +745,6 @@ def _check_same_files(ds: I.FileDataset, world: int) -> None:
                          for r, v in enumerate(views))
         raise D.DataError(f"the processes of this run do not see the same dataset ({rows}). Fix: give every node "
                           f"the same copy (or one shared folder) of {ds.name}.")
-
-
-def _image_loaders(cfg: Config, ds: I.FileDataset, device: torch.device, rank: int,
-                   world: int) -> tuple[I.ImageLoader, I.ImageLoader, str]:
-    """Image folders stream from disk: each process decodes only its slice of every batch, the
-    evaluation too (:func:`evaluate` sums the slices over the processes)."""
-    train_idx = torch.arange(len(ds.train_y))
-    eval_files, eval_y, eval_name = ds.test_files, ds.test_y, "test"
-    if cfg.val_size:
-        train_idx, val_idx = D.split_validation(ds.train_y, cfg.val_size)
-        eval_files, eval_y, eval_name = ds.train_files[val_idx.numpy()], ds.train_y[val_idx], "val"
-    if cfg.subset:
-        train_idx = train_idx[D.balanced_subset(ds.train_y[train_idx], cfg.subset)]
-    if world > 1:
-        _check_same_files(ds, world)
-    workers = default_workers(world) if cfg.workers is None else cfg.workers
-    kw = dict(device=device, channels_last=cfg.channels_last, image_size=cfg.image_size, rank=rank, world=world,
-              workers=workers, decoder=cfg.decoder or "auto")
-    train = I.ImageLoader(ds.train_files[train_idx.numpy()], ds.train_y[train_idx], ds.mean, ds.std, cfg.batch_size,
-                          train=True, seed=cfg.seed, **kw)
-    evaluation = I.ImageLoader(eval_files, eval_y, ds.mean, ds.std, max(cfg.batch_size, world), train=False, **kw)
-    if len(train) == 0:
-        raise ValueError(f"{len(train_idx)} training images give no full batch of {cfg.batch_size}")
-    return train, evaluation, eval_name
 
 
 def _train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], Any],

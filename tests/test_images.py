@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ from PIL import Image
 from psi import data as D
 from psi import images as I
 from psi import train
+from tests.procs import kill_after_epochs, torchrun_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["n01440764", "n01443537", "n01484850"]  # WordNet ids, so that the same tree serves --dataset imagenet
@@ -279,17 +279,8 @@ def test_resnet18_trains_on_a_folder_and_resumes_after_kill_9(tree, tmp_path):
     assert s["epochs"] == 4 and 0 <= s["final_test_acc"] <= 1 and s["data_source"] == str(tree)
     config = json.loads((summary.parent / "config.json").read_text())
     assert config["image_size"] == 32 and config["decoder"] == "pil" and config["model"] == "resnet18"
-    proc = subprocess.Popen([sys.executable, "-m", "psi.train", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        files = list((tmp_path / "cut").glob("*/metrics.jsonl"))
-        if files and len(files[0].read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs([sys.executable, "-m", "psi.train", *args, "--out", str(tmp_path / "cut")], tmp_path / "cut", 1,
+                      ROOT)
     assert 1 <= len(_rows(tmp_path / "cut")) < 4, "the run should have been killed mid-way"
     assert _cli(*args, "--out", str(tmp_path / "cut")).returncode == 0
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
@@ -367,10 +358,7 @@ try:
 except RuntimeError as e:
     print("refused:", e)
 """
-    (tmp_path / "check.py").write_text(script)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29521", str(tmp_path / "check.py")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_script(tmp_path / "check.py", script, 29521)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("refused:") == 2 and "file system that all nodes share" in r.stdout
 
@@ -539,10 +527,7 @@ try:
 except D.DataError as e:
     print("refused:", e)
 """
-    (tmp_path / "check.py").write_text(script)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29525", str(tmp_path / "check.py")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_script(tmp_path / "check.py", script, 29525)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("refused:") == 2 and "24 training" in r.stdout and "23 training" in r.stdout
 
@@ -582,9 +567,48 @@ configs = grid.distinct(grid.study_configs(settings, base, {{}}))
 plan = grid._plan_file(Path({str(tmp_path)!r}), "study", "", settings, base, configs)
 sys.exit(grid.work(plan, (1, 1), threads=1, steal=False))
 """
-    (tmp_path / "worker.py").write_text(script)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29527", str(tmp_path / "worker.py")], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PSI_PROGRESS": "0"})
+    r = torchrun_script(tmp_path / "worker.py", script, 29527, timeout=600, PSI_PROGRESS="0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((tmp_path / "runs").glob("*/summary.json"))) == 2
+
+
+def test_the_gpu_path_decodes_on_its_own_stream_that_training_then_waits_for(jpeg_tree, monkeypatch):
+    """The stream protocol of the nvjpeg path, with torch.cuda's stream calls patched to record what they
+    are asked (the arithmetic stays on the CPU): the loader's stream finishes its last batch before
+    nvjpeg writes again, the decode runs on that stream, the training stream waits for it, and the
+    batch is marked as used by the training stream. Leaving out any one line turns this red."""
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            log.append(f"{self.name}.synchronize")
+
+        def wait_stream(self, other):
+            log.append(f"{self.name}.wait_stream({other.name})")
+
+    current = [Stream("main")]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"record_stream({s.name})"),
+                        raising=False)
+
+    def decode(data, device):
+        log.append(f"decode on {current[-1].name}")
+        return _pil_stand_in(data, device)
+
+    ds = D.load_dataset("imagefolder", jpeg_tree)
+    loader = _loader(ds, decoder="nvjpeg", decode=decode)
+    loader._stream = Stream("side")
+    batches = list(loader.epoch(0))
+    assert len(batches) == 4
+    assert log == ["side.synchronize", "decode on side", "main.wait_stream(side)", "record_stream(main)"] * 4

@@ -3,10 +3,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from psi import models, train
 from psi.optimizers import OPTIMIZERS, build_optimizer
+from tests.procs import kill_after_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
@@ -117,16 +116,8 @@ def _metrics(out: Path):
 def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
     args = [*FAST, "--epochs", "6", "--optimizer", "psi-sgdm"]
     assert _cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "psi.train", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        files = list((tmp_path / "cut").glob("*/metrics.jsonl"))
-        if files and len(files[0].read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs([sys.executable, "-m", "psi.train", *args, "--out", str(tmp_path / "cut")], tmp_path / "cut", 2,
+                      ROOT, timeout=120)
     cut = _metrics(tmp_path / "cut")
     assert 2 <= len(cut) < 6, "the run should have been killed mid-way"
     assert _cli(*args, "--out", str(tmp_path / "cut")).returncode == 0
