@@ -364,11 +364,14 @@ except RuntimeError as e:
 
 
 def test_training_images_per_second_is_reported(tree, tmp_path):
+    """In process (workers=0), batch 10 of 24 images: 2 full batches, the last 4 images dropped, and the
+    rate counts the 20 images trained on; the evaluation sees all 6 validation images."""
     cfg = train.Config(dataset="imagefolder", data_dir=str(tree), model="resnet18", optimizer="sgd", epochs=1,
-                       batch_size=8, image_size=32, workers=0, out=str(tmp_path), progress=False)
+                       batch_size=10, image_size=32, workers=0, out=str(tmp_path), progress=False)
     s = train.run(cfg)
-    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["images_per_second"] > 0 and math.isfinite(s["final_train_loss"])
+    (row,) = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    assert row["images_per_second"] == pytest.approx(20 / row["epoch_seconds"]) and math.isfinite(s["final_train_loss"])
+    assert round(row["test_acc"] * 6) == pytest.approx(row["test_acc"] * 6)  # a whole number of the 6 images
 
 
 def test_the_grid_trains_imagenet_runs_data_parallel_and_table1_takes_them(tree, tmp_path):
