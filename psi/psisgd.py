@@ -80,8 +80,8 @@ class PSISGD(Optimizer):
         maximize: as in torch: the step is the one that minimizes ``-loss``, the gradient's sign
             flipped before ``weight_decay`` adds ``lambda w`` (on psi groups as on the others).
         foreach: multi-tensor path. ``None`` picks it on every device for every group (unless
-            ``fused`` is set); on the CPU it is faster too, and torch's SGD gives the same bits on
-            either path (tested).
+            ``fused`` or ``differentiable`` is set, where torch's choice stands); on the CPU it is
+            faster too, and torch's SGD gives the same bits on either path (tested).
         differentiable, fused: torch's, honoured on plain groups. A psi group refuses either set
             to True (its step is neither written for autograd nor fused): set them off on that group.
         max_norm: the overflow safeguard of section 6.2. A neuron whose norm exceeds it is
@@ -248,8 +248,8 @@ class PSISGD(Optimizer):
             gathered = _Gathered([], [], [], [], [], [])
             has_sparse_grad = self._init_group(group, *gathered)
             foreach, fused = group["foreach"], group["fused"]
-            if foreach is None and not fused:
-                foreach = not has_sparse_grad
+            if foreach is None and not fused:  # differentiable: torch's for-loop (foreach takes no tensor alpha)
+                foreach = not has_sparse_grad and not group["differentiable"]
             _torch_sgd(gathered.params, gathered.grads, gathered.bufs, weight_decay=group["weight_decay"],
                        momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
                        nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
