@@ -140,6 +140,111 @@ def test_weight_and_bias_share_their_neurons():
     torch.testing.assert_close(b.detach(), eb)
 
 
+def test_signature_is_torch_sgds_with_max_norm_keyword_only():
+    """Issue 16: an SGD call means the same to PSISGD (order, defaults, keyword-only flags)."""
+    import inspect
+
+    sgd = list(inspect.signature(torch.optim.SGD).parameters.values())
+    ours = list(inspect.signature(psi.PSISGD).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[:-1]] == [(p.name, p.kind, p.default) for p in sgd]
+    assert (ours[-1].name, ours[-1].kind, ours[-1].default) == ("max_norm", inspect.Parameter.KEYWORD_ONLY, psi.MAX_NORM)
+    w = torch.randn(3, 2, requires_grad=True)
+    g = psi.PSISGD([w], 0.1, 0.9, 0, 5e-4).param_groups[0]
+    assert (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"]) == (0.1, 0.9, 0, 5e-4, False)
+    assert psi.PSISGD([w]).param_groups[0]["lr"] == 1e-3
+
+
+def test_state_dicts_without_new_keys_load_and_step():
+    """Issue 16: a state dict saved by torch's SGD (no psi, max_norm) or an older torch/psi (no foreach,
+    maximize, differentiable, fused) loads; a psi group stays psi, and a plain PSISGD loading an SGD
+    checkpoint continues as SGD continues, to the bit."""
+    torch.manual_seed(0)
+    a = Mixed()
+    batches = [(x.float(), y) for x, y in _batches(6)]
+    sgd = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    _train(a, sgd, batches[:3])
+    b = copy.deepcopy(a)
+    opt = psi.PSISGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    sd = copy.deepcopy(sgd.state_dict())
+    for g in sd["param_groups"]:
+        for k in ("foreach", "maximize", "differentiable", "fused"):
+            del g[k]
+    opt.load_state_dict(sd)
+    _train(a, sgd, batches[3:])
+    _train(b, opt, batches[3:])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+    x0 = torch.randn(8, 3, 16, 16)
+    ref, old = Mixed(), Mixed()
+    old.load_state_dict(ref.state_dict())
+    opts = [psi.PSISGD(psi.param_groups(m, x0), lr=0.05, momentum=0.9) for m in (ref, old)]
+    _train(ref, opts[0], batches[:2])
+    old.load_state_dict(ref.state_dict())
+    sd = copy.deepcopy(opts[0].state_dict())
+    for g in sd["param_groups"]:
+        for k in ("psi", "max_norm", "foreach", "maximize", "differentiable", "fused"):
+            g.pop(k, None)
+    opts[1].load_state_dict(sd)
+    assert [g["psi"] for g in opts[1].param_groups] == [g["psi"] for g in opts[0].param_groups]
+    _train(ref, opts[0], batches[2:])
+    _train(old, opts[1], batches[2:])
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), old.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_tensor_lr_of_any_one_element_shape_on_psi_groups(shape):
+    """Issue 16: a 1-element tensor lr steps a psi group as the float does (a [1, 1] one broke the step)."""
+    out = []
+    for lr in (0.1, torch.full(shape, 0.1)):
+        w = torch.linspace(-1, 1, 12).reshape(4, 3).requires_grad_()
+        opt = psi.PSISGD([{"params": [w], "psi": True}], lr=lr, momentum=0.9)
+        for _ in range(2):
+            w.grad = torch.linspace(0, 1, 12).reshape(4, 3)
+            opt.step()
+        out.append(w.detach())
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        psi.PSISGD([{"params": [w], "psi": True}], lr=torch.tensor([0.1, 0.1]))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_maximize_with_weight_decay_is_minimizing_minus_loss(foreach):
+    """Issue 16: maximize flips the gradient before weight decay is added (torch's order), so maximizing
+    L with decay is minimizing -L with decay, to the bit."""
+    out = []
+    for maximize in (True, False):
+        torch.manual_seed(0)
+        lin = nn.Linear(4, 5).double()
+        x = torch.randn(8, 4, dtype=torch.float64)
+        opt = psi.PSISGD([{"params": [lin.weight, lin.bias], "psi": True, "weight_decay": 0.1}], lr=0.1,
+                         momentum=0.9, maximize=maximize, foreach=foreach)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = lin(x).tanh().sum()
+            (loss if maximize else -loss).backward()
+            opt.step()
+        out.append([lin.weight.detach(), lin.bias.detach()])
+    assert all(torch.equal(p, q) for p, q in zip(*out, strict=True))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_frozen_weight_still_counts_in_its_biases_neuron_norm(foreach):
+    """Issue 16: a weight without a gradient this step (frozen) does not move, and its bias steps with eq. 7's
+    norm of the whole neuron, ||w_i||^2 + b_i^2, not with b_i^2 alone (see PSISGD's doc for why)."""
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)  # another psi layer, stepping as usual
+    opt = psi.PSISGD([{"params": [w, b], "psi": True}, {"params": [v], "psi": True}], lr=0.1, foreach=foreach)
+    b.grad, v.grad = torch.randn(5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    w0 = w.detach().clone()
+    eb = b.detach() - 0.1 * ((w * w).sum(1) + b * b).detach() * b.grad
+    ev = v.detach() - 0.1 * (v * v).sum(1, keepdim=True).detach() * v.grad
+    opt.step()
+    assert torch.equal(w.detach(), w0)
+    torch.testing.assert_close(b.detach(), eb, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(v.detach(), ev, rtol=1e-14, atol=1e-14)
+
+
 def test_max_norm_rescales_weight_and_buffer_together():
     w = torch.tensor([[300.0, 400.0], [0.3, 0.4]], dtype=torch.float64, requires_grad=True)
     opt = psi.PSISGD([{"params": [w], "psi": True}], lr=1e-9, momentum=0.9, max_norm=100.0)
