@@ -259,8 +259,9 @@ class PSISGD(Optimizer):
         for key, bucket in buckets.items():
             hyper = dict(zip(_PSI_KEYS, key, strict=True))
             created = bucket.bufs and any(b is None for b in bucket.bufs)
-            psi_sgd(bucket.params, bucket.grads, bucket.bufs, neuron_sets=bucket.neuron_sets,
-                    frozen=bucket.frozen, frozen_sets=bucket.frozen_sets, **hyper)
+            with torch.no_grad():  # psi groups are never differentiable, even where the optimizer's default is
+                psi_sgd(bucket.params, bucket.grads, bucket.bufs, neuron_sets=bucket.neuron_sets,
+                        frozen=bucket.frozen, frozen_sets=bucket.frozen_sets, **hyper)
             if created:
                 self._store(bucket.params, bucket.bufs)
         return loss

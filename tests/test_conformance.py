@@ -510,6 +510,15 @@ def test_psi_groups_refuse_fused_differentiable_complex_sparse() -> None:
     w.grad = torch.ones_like(w)
     with pytest.raises(RuntimeError, match="fused=True is not supported on a psi group"):
         opt.step()
+    # differentiable=True on the optimizer, off on its psi group: the plain group is differentiated through
+    w0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    c, v = w0.clone(), torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    opt = psi.PSISGD([{"params": [v], "psi": True, "differentiable": False}, {"params": [c]}], lr=0.1, differentiable=True)
+    c.grad, v.grad = torch.ones(3, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)
+    v0 = v.detach().clone()
+    opt.step()
+    assert torch.equal(torch.autograd.grad(c.sum(), w0)[0], torch.ones(3, dtype=torch.float64))
+    assert not torch.equal(v.detach(), v0) and v.grad_fn is None  # it stepped, without autograd
     with pytest.raises(ValueError, match="psi group .* real floating-point tensors, got torch.complex64"):
         psi.PSISGD([{"params": [torch.randn(3, 2, dtype=torch.complex64, requires_grad=True)], "psi": True}], lr=0.1)
     opt = psi.PSISGD([{"params": [w], "psi": True}], lr=0.1)
