@@ -159,7 +159,8 @@ class PSISGD(Optimizer):
         """As torch's; a saved group that lacks a key (saved by an older psi, or by torch's SGD) takes
         it from the group it replaces, so that a checkpoint keeps the layout this optimizer was built
         with (a psi group stays psi, with its ``max_norm``). Load-state-dict pre hooks see the filled
-        dict."""
+        dict. torch's SGD saves momentum buffers ``b`` (``w <- w - lr b``), a psi group reads Algorithm 1's
+        ``u``: an SGD checkpoint continues exactly on plain groups; on psi groups drop its ``state``."""
         saved = state_dict.get("param_groups")
         if isinstance(saved, list) and len(saved) == len(self.param_groups):
             filled = [{**{k: v for k, v in own.items() if k not in ("params", "param_names")}, **group}
