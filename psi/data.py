@@ -239,10 +239,16 @@ def _from_image_tree(name: str, src: Path, cache_dir: str | os.PathLike) -> Data
             cache.unlink(missing_ok=True)
     arrays = _decode_tree(name, src)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.part")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, cache)
+    # written beside it under a name of its own, then renamed over it (atomic): two processes decoding
+    # the same source at once each write their own file, and a reader sees a whole cache or none
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return _dataset_from_arrays(name, arrays, str(src))
 
 

@@ -47,7 +47,7 @@ from .models import MODELS, build_model
 from .notebook import PROFILES, ParameterError, check_choice, check_positive, parse_shard, study_settings
 from .optimizers import LR, OPTIMIZERS
 from .study import read_selected_files, select_lr, selection_config, write_selected
-from .train import SCHEDULES, Config, discovery_examples, lock_holder, optimizer_for, sweep
+from .train import SCHEDULES, Config, discovery_examples, end_process_group, lock_holder, optimizer_for, sweep
 
 __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "study_configs", "distinct", "plan",
            "cost_order", "run_states", "epoch_seconds", "main"]
@@ -408,7 +408,15 @@ def work(plan_path: str | os.PathLike, shard: tuple[int, int] = (1, 1), threads:
     still not done, last first (its own included: one refused because a status probe held its
     lock for a moment is tried again). In the ``select`` phase, worker 1 then makes the selection
     (:func:`select_lrs`, once the other workers are done). Returns the number of the study's runs
-    that failed (diverged)."""
+    that failed (diverged). Under torchrun, the process group its runs joined ends with it, however it
+    ends (an error included: gloo may abort a process that exits with a live group)."""
+    try:
+        return _work(plan_path, shard, threads, steal)
+    finally:
+        end_process_group()
+
+
+def _work(plan_path: str | os.PathLike, shard: tuple[int, int], threads: int | None, steal: bool) -> int:
     p = json.loads(Path(plan_path).read_text())
     if threads:
         torch.set_num_threads(threads)
@@ -448,8 +456,6 @@ def work(plan_path: str | os.PathLike, shard: tuple[int, int] = (1, 1), threads:
         print(f"{time.strftime('%H:%M:%S')} choosing the learning rates", flush=True)
         selected, _ = select_lrs(p["settings"], base, ds)
         print(f"{time.strftime('%H:%M:%S')} chosen:", {f"{m}/{o}": lr for (m, o), lr in selected.items()}, flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0 if selecting else len(failed)  # a rate that diverges is one the selection does not choose
 
 

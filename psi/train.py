@@ -28,6 +28,7 @@ as a tensor, so that a schedule changes a value and never recompiles. On the CPU
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -315,9 +316,29 @@ def _flock_briefly(f, patience: float = 1.0) -> None:
             time.sleep(0.05)
 
 
+# The run locks this process holds (their file descriptors). A forked child (a DataLoader worker of an
+# image-folder run) would share each one's flock and keep the run folder locked after this process
+# died: ``kill -9`` then a run again at once was refused for the seconds a worker takes to notice.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point each held lock's descriptor at /dev/null (the child's copy of the lock
+    goes; the number stays valid for whatever the child's copy of the parent's code does with it)."""
+    for fd in list(_HELD_LOCKS):
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def _run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` (flock: the kernel releases it when the process dies, so no stale locks)."""
+    """Hold ``out/.lock`` (flock: the kernel releases it when the process dies, so no stale locks; not
+    inherited by forked children, :data:`_HELD_LOCKS`)."""
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "a+")
     try:
@@ -328,6 +349,7 @@ def _run_lock(out: Path) -> Iterator[None]:
         f.close()
         raise RunLocked(f"{out} is being worked on by another process ({holder}). Nothing was changed. Wait for "
                         f"it to finish (or stop it: running again resumes from its last checkpoint).") from None
+    _HELD_LOCKS.add(f.fileno())
     try:
         f.seek(0)
         f.truncate()
@@ -336,6 +358,7 @@ def _run_lock(out: Path) -> Iterator[None]:
         f.flush()
         yield
     finally:
+        _HELD_LOCKS.discard(f.fileno())
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
@@ -401,9 +424,20 @@ def _run_device(name: str) -> torch.device:
     return device
 
 
+def end_process_group() -> None:
+    """Destroy the process group if one is live. Every way out of a process that joined one must pass
+    here: gloo, left alive at interpreter exit, may abort the process ("terminate called without an
+    active exception", SIGABRT) after its work is done. :func:`_init_distributed` registers it with
+    atexit; :func:`main` and ``psi.grid work`` call it when they finish."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins torchrun's process group on the first call."""
+    """(rank, world size); joins torchrun's process group on the first call (and ends it at exit,
+    whatever the caller: :func:`end_process_group`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        atexit.register(end_process_group)  # registered again on a later join: a second call is a no-op
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.distributed.init_process_group(backend_for(device), device_id=device)
@@ -894,8 +928,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_process_group()
     for r in results if int(os.environ.get("RANK", "0")) == 0 else []:  # under torchrun, rank 0 reports
         if "failed" in r or "locked" in r:
             print(f"error: {r.get('failed') or r['locked']}", file=sys.stderr)

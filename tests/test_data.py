@@ -90,6 +90,32 @@ def test_image_tree_keeps_official_order_and_is_cached(tmp_path, monkeypatch, as
     assert torch.equal(again.train_x, ds.train_x)
 
 
+def test_the_cache_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Two processes may decode the same source at once (two suites, two runs): while one writes, no
+    reader sees a cache file, and a write that fails leaves nothing behind."""
+    monkeypatch.setenv("PSI_CACHE", str(tmp_path / "cache"))
+    _write_tree(tmp_path)
+    real, seen = D.np.savez, []
+
+    def savez(f, **arrays):
+        seen.append(sorted(p.name for p in (tmp_path / "cache").iterdir()))
+        real(f, **arrays)
+
+    monkeypatch.setattr(D.np, "savez", savez)
+    D.load_dataset("cifar10", tmp_path, download=False)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].endswith(".part")  # its own name, not *.npz
+    (cache,) = (tmp_path / "cache").iterdir()
+    cache.unlink()
+
+    def full(f, **arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(D.np, "savez", full)
+    with pytest.raises(D.DataError, match="No space"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("PSI_CACHE", str(tmp_path / "cache"))
     _write_tree(tmp_path)
