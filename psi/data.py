@@ -371,13 +371,18 @@ class BatchLoader:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, epoch: int):
-        """Yield (images, labels) for one epoch (this process's slice)."""
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield (images, labels) for one epoch (this process's slice), from batch ``start`` on (a
+        resume inside an epoch: the batches before are drawn, not made, so the rest are the same)."""
         n = len(self.x)
         g = torch.Generator(device=self.device).manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
         order = torch.randperm(n, generator=g, device=self.device) if self.train else torch.arange(n, device=self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if b < start:
+                if self.train:
+                    self._draws(len(idx), g)
+                continue
             x, y = self.x[idx], self.y[idx]
             if self.train:  # the whole batch, so that every process draws the same numbers
                 x = self._augment(x, g)
@@ -386,15 +391,19 @@ class BatchLoader:
                 x, y = x[self.rank * per:(self.rank + 1) * per], y[self.rank * per:(self.rank + 1) * per]
             yield self._normalize(x), y
 
+    def _draws(self, b: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch's random numbers, in the order they are drawn: shifts x and y, flips."""
+        dx = torch.randint(0, 9, (b,), generator=g, device=self.device)
+        dy = torch.randint(0, 9, (b,), generator=g, device=self.device)
+        return dx, dy, torch.rand(b, generator=g, device=self.device) < 0.5
+
     def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
         b = len(x)
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-        dx = torch.randint(0, 9, (b,), generator=g, device=self.device)
-        dy = torch.randint(0, 9, (b,), generator=g, device=self.device)
+        dx, dy, flip = self._draws(b, g)
         ar = torch.arange(32, device=self.device)
         rows = (dy[:, None] + ar)[:, None, :, None]
         cols = (dx[:, None] + ar)[:, None, None, :]
         crop = padded[torch.arange(b, device=self.device)[:, None, None, None],
                       torch.arange(3, device=self.device)[None, :, None, None], rows, cols]
-        flip = torch.rand(b, generator=g, device=self.device) < 0.5
         return torch.where(flip[:, None, None, None], crop.flip(3), crop)

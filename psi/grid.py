@@ -47,7 +47,17 @@ from .models import MODELS, build_model
 from .notebook import PROFILES, ParameterError, check_choice, check_positive, parse_shard, study_settings
 from .optimizers import LR, OPTIMIZERS
 from .study import read_selected_files, select_lr, selection_config, write_selected
-from .train import SCHEDULES, Config, discovery_examples, end_process_group, lock_holder, optimizer_for, sweep
+from .train import (
+    PREEMPTED_EXIT,
+    SCHEDULES,
+    Config,
+    Preempted,
+    discovery_examples,
+    end_process_group,
+    lock_holder,
+    optimizer_for,
+    sweep,
+)
 
 __all__ = ["base_config", "check_settings", "select_lrs", "read_selected", "study_configs", "distinct", "plan",
            "cost_order", "run_states", "epoch_seconds", "main"]
@@ -875,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, "runs_per_gpu", 1) < 1 or (getattr(a, "workers", None) or 1) < 1:
             ap.error("--runs-per-gpu and --workers must be at least 1")
         return {"run": _cmd_run, "status": _cmd_status, "slurm": _cmd_slurm}[a.command](a)
+    except Preempted as e:  # a worker's run got SIGTERM: checkpointed, and the same command resumes it
+        print(f"stopped: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ParameterError, ValueError, D.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -398,9 +398,10 @@ class ImageLoader:
             out.append(idx[self.rank * per:(self.rank + 1) * per])
         return out
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (images, labels) of one epoch, this process's slice of each batch."""
-        slices = [s for s in self._slices(epoch) if len(s)]
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (images, labels) of one epoch, this process's slice of each batch, from batch ``start``
+        on (each image's augmentation depends on the seed, the epoch and its index only)."""
+        slices = [s for s in self._slices(epoch)[start:] if len(s)]
         raw = self.decoder == "nvjpeg"
         items = _Batches(self.files, self.labels, slices, train=self.train, seed=self.seed, epoch=epoch,
                          size=self.image_size, raw=raw, draft=self.draft)

@@ -11,8 +11,11 @@ defaults resolved, with the ``setting`` and every optimizer group's hyperparamet
 optimizer read them: :func:`psi.optimizers.describe`), ``metrics.jsonl`` (one JSON object per
 epoch), ``checkpoint.pt`` (written atomically after every epoch) and, once finished,
 ``summary.json``. Running the same command
-again resumes from the checkpoint; a finished run is not run again. One process at a time works
-in a run folder (an ``flock`` on ``.lock``, released by the kernel even on ``kill -9``): a second
+again resumes from the checkpoint; a finished run is not run again. Faults lose nothing: a write killed
+at any point leaves the previous file whole; a full disk raises :class:`DiskFull`; a folder made with
+other settings :class:`ConfigMismatch`; a NaN loss :class:`TrainingDiverged` naming epoch and step;
+SIGTERM checkpoints the step reached and exits with :data:`PREEMPTED_EXIT` (143) to be resumed there.
+One process at a time works in a run folder (an ``flock`` on ``.lock``, released by the kernel even on ``kill -9``): a second
 one is refused with :class:`RunLocked`, naming the holder.
 
 What a resume gives: on the CPU, and on CUDA with ``--deterministic``, exactly the result an
@@ -30,15 +33,18 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -56,7 +62,8 @@ from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effecti
 from .psisgd import MAX_NORM
 
 __all__ = ["Config", "configs_from_args", "discovery_examples", "run", "sweep", "lr_factor", "optimizer_for",
-           "TrainingDiverged", "RunLocked", "lock_holder", "main", "SCHEDULES", "AMP_MODES", "COMPILED_STEP"]
+           "TrainingDiverged", "RunLocked", "DiskFull", "ConfigMismatch", "Preempted", "lock_holder", "main",
+           "SCHEDULES", "AMP_MODES", "COMPILED_STEP", "PREEMPTED_EXIT"]
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -102,6 +109,23 @@ class TrainingDiverged(RuntimeError):
 
 class RunLocked(RuntimeError):
     """Another live process is working in this run folder; nothing was changed."""
+
+
+class DiskFull(RuntimeError):
+    """A write found no space (ENOSPC) or no quota (EDQUOT) left; every file written before is intact."""
+
+
+class ConfigMismatch(RuntimeError):
+    """The run folder's checkpoint was made with other settings (another version of psi, or a hand
+    edit): resuming would join two different runs into one. Nothing was changed."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived (what SLURM sends before it preempts or times out a job): the step under way
+    finished, a checkpoint of it was written, and the same command resumes from there."""
+
+
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # 143: the status of a process ended by SIGTERM, as schedulers expect
 
 
 def _field(default: Any, help: str, **cli: Any) -> Any:
@@ -268,17 +292,99 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 
 # -- files: atomic writes, the run lock, checkpoints -----------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _temp_file(path: Path) -> tuple[Any, str]:
+    """An open binary file beside ``path`` under a name of its own (``<name>.<random>.tmp``), and that name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    return os.fdopen(fd, "wb"), tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: without it a power cut after ``os.replace`` may bring back
+    the old name, or none (POSIX: a rename is in the directory, which has its own fsync)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Recording:
+    """A file that remembers the OSError its ``write`` raised: ``torch.save`` turns one into a
+    RuntimeError that no longer says the disk was full."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.error = f, None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _no_space(e: BaseException, f: _Recording | None) -> OSError | None:
+    for err in (f.error if f else None, e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err
+    return None
+
+
+def _disk_full(path: Path, err: OSError) -> DiskFull:
+    return DiskFull(f"no space left for {path} ({err.strerror}). Nothing written before is lost: the previous "
+                    f"{path.name} is intact, the partial one removed. Free space in {path.parent} (or give --out "
+                    f"a folder on another disk) and run the same command again: it resumes from the last checkpoint.")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write ``path`` all or nothing: into a temporary file beside it, flushed to the disk, renamed over
+    it, the rename made durable. Killed at any point (kill -9, a power cut), the folder holds the old
+    file or the new one, never a part (a temporary file may remain: :func:`_clear_stale_temps`).
+    A full disk raises :class:`DiskFull` and leaves the old file."""
+    f, tmp = _temp_file(path)
+    rec = _Recording(f)
+    try:
+        with f:
+            write(rec)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except Exception as e:
+        if (err := _no_space(e, rec)) is not None:
+            raise _disk_full(path, err) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line to ``path`` (the metrics): a line torn by a crash or a full disk is dropped on the
+    next resume (:func:`_kept_metrics`)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise _disk_full(path, e) from e
+        raise
+
+
+def _clear_stale_temps(out: Path) -> list[Path]:
+    """Remove what :func:`_atomic_write`s that were killed left behind (only the lock holder writes here)."""
+    stale = sorted(out.glob("*.*.tmp"))
+    for t in stale:
+        t.unlink(missing_ok=True)
+    return stale
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -397,12 +503,123 @@ def _restore(ck: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, s
 
 
 def _checkpoint(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
-                device: torch.device, cfg: Config) -> dict[str, Any]:
+                device: torch.device, cfg: Config, part: _Partial | None = None) -> dict[str, Any]:
+    """The state after ``epoch`` (-1: none yet), and ``part``: how far the next epoch got (SIGTERM)."""
     return {"model": model.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "device_kind": device.type, "config": asdict(cfg)}
+            "device_kind": device.type, "config": asdict(cfg),
+            "partial": None if part is None else part.state()}
+
+
+@dataclass
+class _Partial:
+    """An epoch under way: its first ``step`` steps done, their summed loss, correct count and images,
+    each step's loss (the first non-finite one is named), and the seconds spent. A checkpoint written
+    on SIGTERM holds one, so the resumed epoch goes on from the next step with the same numbers."""
+
+    epoch: int
+    steps: int
+    device: torch.device
+    step: int = 0
+    loss_sum: Tensor = None  # type: ignore[assignment]
+    correct: Tensor = None  # type: ignore[assignment]
+    losses: Tensor = None  # type: ignore[assignment]
+    seen: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        def on_device(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=self.device) if t is None else t.to(self.device)
+
+        self.loss_sum = on_device(self.loss_sum, torch.float64, ())
+        self.correct = on_device(self.correct, torch.long, ())
+        self.losses = on_device(self.losses, torch.float32, (self.steps,))
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "correct": self.correct,
+                "losses": self.losses, "seen": self.seen, "seconds": self.seconds}
+
+
+# Under torchrun every process must stop at the same step: they agree every STOP_POLL steps (one host
+# read each time, in data-parallel runs only; a single process reads its own flag, no device at all).
+STOP_POLL = 16
+
+
+class _Stop:
+    """SIGTERM during a run: note it, let the step under way finish, then stop at a step boundary
+    (:func:`_train_epoch` asks :meth:`asked`), checkpoint and raise :class:`Preempted`. Installed only
+    in the main thread (signals reach no other); the previous handler comes back afterwards."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world, self.device, self.received = world, device, False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def asked(self, step: int) -> bool:
+        """Whether to stop before ``step`` (the same answer on every process of the run)."""
+        if self.world == 1:
+            return self.received
+        if step % STOP_POLL:
+            return False
+        flag = torch.tensor([float(self.received)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _kept_metrics(metrics_path: Path, start: int) -> str:
+    """The metrics of the epochs before ``start`` (what the checkpoint holds): a row of a later epoch
+    (written before a crash or a full disk kept its checkpoint from the disk) goes, and so does a line
+    torn by one."""
+    kept = []
+    for ln in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if row["epoch"] < start:
+            kept.append(ln + "\n")
+    return "".join(kept)
+
+
+def _same_run(record: dict[str, Any]) -> dict[str, Any]:
+    """What of a ``config.json`` decides the numbers: the keyed fields (not where or how fast it runs),
+    the device kind and every group's hyperparameters."""
+    return {k: v for k, v in record.items()
+            if k not in (*_NOT_IN_KEY, "world_size", "kernels") and not (k in _KEY_IF_SET and v in (None, "none"))}
+
+
+def _check_same_config(out: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint made under other settings than ``record`` (another version of psi
+    with other defaults, a hand edit), naming each key that differs; nothing is changed."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = _same_run(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+        return  # torn by a crash before the atomic writes: the checkpoint's own config is checked by the key
+    new = _same_run(json.loads(json.dumps(record)))  # as it would read back (tuples as lists)
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    if diff:
+        what = "; ".join(f"{k}: {json.dumps(old.get(k, '<absent>'))} there, {json.dumps(new.get(k, '<absent>'))} "
+                         f"here" for k in diff)
+        raise ConfigMismatch(f"{out} holds a checkpoint of a run made with other settings than this one ({what}). "
+                             f"Resuming would join two different runs into one, so nothing was changed. Fix: run it "
+                             f"with the version and settings that made it, or give another --out (or delete {out}) "
+                             f"to train it anew.")
 
 
 # -- processes and devices -------------------------------------------------------------------
@@ -625,23 +842,27 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     else:
         example = next(iter(train.epoch(0)))[0][:discovery_examples(32)]
     opt = optimizer_for(cfg, model, example)
-    if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
-        _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
-                                          "groups": describe(opt)})
+    # what ran: the config and every group's hyperparameters as the optimizer reads them
+    record = {**asdict(cfg), "device_kind": device.type, "world_size": world, "groups": describe(opt)}
+    ckpt_path = out / "checkpoint.pt"
+    if rank == 0:
+        _clear_stale_temps(out)
+        if ckpt_path.is_file():
+            _check_same_config(out, record)
+        _write_json(out / "config.json", record)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
+    start, resumed = 0, None
     if ckpt_path.is_file():
-        start = _restore(_load_checkpoint(ckpt_path), model, opt, scaler, device, ckpt_path)
+        ck = _load_checkpoint(ckpt_path)
+        start = _restore(ck, model, opt, scaler, device, ckpt_path)
+        resumed = ck.get("partial")
         for g in opt.param_groups:  # a compiled run saved a tensor lr; an eager step would read it each step
             g["lr"] = float(g["lr"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # keep exactly the epochs the checkpoint holds
-        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] < start]
-        _atomic_write(metrics_path, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
+        _atomic_write(metrics_path, lambda f: f.write(_kept_metrics(metrics_path, start).encode()))
 
     net: nn.Module = model
     if world > 1:
@@ -661,53 +882,87 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
-    show = cfg.progress and rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = _train_epoch(cfg, net, opt, step, scaler, train, epoch, autocast, show, out.name)
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)
-            torch.distributed.all_reduce(correct)
-            seen *= world
-        train_loss, train_correct = torch.stack([loss_sum, correct.double()]).tolist()  # one host read per epoch
-        seconds = time.perf_counter() - t0
-        train_loss /= seen
-        if not math.isfinite(train_loss):
-            msg = (f"{out.name}: the training loss became {train_loss} in epoch {epoch + 1}; the metrics of the "
-                   f"{epoch} epochs before are kept in {metrics_path}. Lower the learning rate (now "
-                   f"{float(opt.param_groups[0]['initial_lr'])}) or check the data; delete {out} to run it again.")
-            if rank == 0:
-                _write_json(out / "failed.json", {"error": msg, "epoch": epoch})
-            raise TrainingDiverged(msg)
-        last = epoch == cfg.epochs - 1
-        # a full test pass costs about a third of a training pass per image: on a CPU with a small
-        # training subset it can cost more than the epoch, so eval_every may skip it (rows say null)
-        eval_loss = eval_acc = None
-        t1 = time.perf_counter()
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            eval_loss, eval_acc = evaluate(model, evaluation, autocast)
-        eval_seconds = time.perf_counter() - t1
-        row = {"epoch": epoch, "lr": lr_factor(cfg, epoch) * float(opt.param_groups[0]["initial_lr"]),
-               "train_loss": train_loss, "train_acc": train_correct / seen,
-               f"{eval_name}_loss": eval_loss, f"{eval_name}_acc": eval_acc,
-               "epoch_seconds": seconds, "images_per_second": seen / seconds, "eval_seconds": eval_seconds,
-               "warmup": epoch == start,  # this process's first epoch: compilation, cuDNN benchmarking
-               "psi_layers": _psi_layer_stats(opt, cfg.optimizer)}
+    def save(epoch: int, part: _Partial | None = None) -> None:
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            state = _checkpoint(model, opt, scaler, epoch, device, cfg)
-            _atomic_write(ckpt_path, lambda f, state=state: torch.save(state, f))
-        if show:
-            acc_text = "" if eval_acc is None else f", {eval_name} acc {eval_acc:.4f}"
-            print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}{acc_text}, "
-                  f"{seconds:.1f}s", file=sys.stderr)
+            state = _checkpoint(model, opt, scaler, epoch, device, cfg, part)
+            _atomic_write(ckpt_path, lambda f: torch.save(state, f))
+
+    show = cfg.progress and rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
+    with _Stop(world, device) as stop:
+        for epoch in range(start, cfg.epochs):
+            part = _Partial(epoch, len(train), device)
+            if resumed is not None and resumed["epoch"] == epoch:  # the sums over the processes go to rank 0
+                sums = ("loss_sum", "correct", "losses") if rank else ()
+                part = _Partial(epoch, len(train), device, **{k: v for k, v in resumed.items()
+                                                              if k != "epoch" and k not in sums})
+            t0 = time.perf_counter()
+            _train_epoch(cfg, net, opt, step, scaler, train, epoch, autocast, show, out.name, part, stop)
+            part.seconds += time.perf_counter() - t0
+            if part.step < part.steps:  # SIGTERM: this epoch's steps so far, checkpointed, and out
+                for t in (part.loss_sum, part.correct, part.losses) if world > 1 else ():
+                    torch.distributed.all_reduce(t)  # what every process has added up, in rank 0's checkpoint
+                save(epoch - 1, part)
+                raise Preempted(f"{out.name}: stopped by SIGTERM at step {part.step} of {part.steps} in epoch "
+                                f"{epoch + 1}; a checkpoint of that step is in {ckpt_path}. Run the same command "
+                                f"again to resume from it.")
+            row = _epoch_row(cfg, epoch, start, part, rank, world, model, opt, evaluation, eval_name, autocast, out)
+            if rank == 0:
+                _append_line(metrics_path, json.dumps(row))
+            save(epoch)
+            if show:
+                acc = row[f"{eval_name}_acc"]
+                acc_text = "" if acc is None else f", {eval_name} acc {acc:.4f}"
+                print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}{acc_text}, "
+                      f"{part.seconds:.1f}s", file=sys.stderr)
+            if epoch < cfg.epochs - 1 and stop.asked(0):  # every process of the run agrees
+                raise Preempted(f"{out.name}: stopped by SIGTERM after epoch {epoch + 1}, checkpointed in "
+                                f"{ckpt_path}. Run the same command again to resume from it.")
     if world > 1:  # every rank reads the metrics rank 0 has written, all of them
         torch.distributed.barrier()
     summary = _summary(cfg, device, world, ds, metrics_path, eval_name)
     if rank == 0:
         _write_json(out / "summary.json", summary)
     return json.loads(json.dumps(summary))  # as it reads back from summary.json
+
+
+def _epoch_row(cfg: Config, epoch: int, start: int, part: _Partial, rank: int, world: int, model: nn.Module,
+               opt: torch.optim.Optimizer, evaluation: D.BatchLoader | I.ImageLoader, eval_name: str,
+               autocast: Callable[[], Any], out: Path) -> dict[str, Any]:
+    """The metrics row of a finished epoch (its evaluation included); :class:`TrainingDiverged` if its
+    loss is not finite, naming the first step whose loss was not (one host read per epoch either way)."""
+    loss_sum, correct, seen = part.loss_sum, part.correct, part.seen
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(correct)
+        seen *= world
+    train_loss, train_correct = torch.stack([loss_sum, correct.double()]).tolist()
+    train_loss /= seen
+    if not math.isfinite(train_loss):
+        if world > 1:  # a NaN on any process: the sum is NaN at that step on all
+            torch.distributed.all_reduce(part.losses)
+        bad = (~torch.isfinite(part.losses)).nonzero()
+        at = f" at step {int(bad[0]) + 1} of {part.steps}" if len(bad) else ""
+        msg = (f"{out.name}: the training loss became {train_loss}{at} in epoch {epoch + 1}; the checkpoint after "
+               f"epoch {epoch} and the metrics of the {epoch} epochs before are kept in {out}. Lower the learning "
+               f"rate (now {float(opt.param_groups[0]['initial_lr'])}) or check the data; delete {out} to run it "
+               f"again.")
+        if rank == 0:
+            _write_json(out / "failed.json", {"error": msg, "epoch": epoch, "step": int(bad[0]) if len(bad) else None})
+        raise TrainingDiverged(msg)
+    last = epoch == cfg.epochs - 1
+    # a full test pass costs about a third of a training pass per image: on a CPU with a small
+    # training subset it can cost more than the epoch, so eval_every may skip it (rows say null)
+    eval_loss = eval_acc = None
+    t1 = time.perf_counter()
+    if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        eval_loss, eval_acc = evaluate(model, evaluation, autocast)
+    eval_seconds = time.perf_counter() - t1
+    return {"epoch": epoch, "lr": lr_factor(cfg, epoch) * float(opt.param_groups[0]["initial_lr"]),
+            "train_loss": train_loss, "train_acc": train_correct / seen,
+            f"{eval_name}_loss": eval_loss, f"{eval_name}_acc": eval_acc,
+            "epoch_seconds": part.seconds, "images_per_second": seen / part.seconds, "eval_seconds": eval_seconds,
+            "warmup": epoch == start,  # this process's first epoch: compilation, cuDNN benchmarking
+            "psi_layers": _psi_layer_stats(opt, cfg.optimizer)}
 
 
 def _split(cfg: Config, ds: D.Dataset | I.FileDataset) -> tuple[Tensor, Tensor | None]:
@@ -783,19 +1038,21 @@ def _check_same_files(ds: I.FileDataset, world: int) -> None:
 
 def _train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], Any],
                  scaler: torch.amp.GradScaler, train: D.BatchLoader, epoch: int, autocast: Callable[[], Any],
-                 show: bool, name: str) -> tuple[Tensor, Tensor, int]:
-    """One epoch; returns (summed loss, correct count) on the device and the number of images.
-    Nothing in it reads a value back to the host (tests/test_gpu_path.py counts)."""
+                 show: bool, name: str, part: _Partial, stop: _Stop) -> None:
+    """The steps of one epoch from ``part.step`` on, added up in ``part`` on the device; stops early
+    when ``stop`` says so (SIGTERM). Nothing in it reads a value back to the host (tests/test_gpu_path.py
+    counts) in one process; a data-parallel run reads one flag every :data:`STOP_POLL` steps."""
     net.train()
-    loss_sum = torch.zeros((), device=train.device, dtype=torch.float64)
-    correct = torch.zeros((), device=train.device, dtype=torch.long)
-    seen, steps = 0, len(train)
-    batches = train.epoch(epoch)
+    steps = len(train)
+    batches = train.epoch(epoch, start=part.step)
     if show:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-    for i, (x, y) in enumerate(batches):
+        batches = tqdm(batches, total=steps, initial=part.step, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False)
+    for i, (x, y) in enumerate(batches, part.step):
+        if stop.asked(i):
+            break
         set_lr(opt, lr_factor(cfg, epoch + i / steps))
         with autocast():
             # bn_split > 1: BN statistics per slice, as that many processes without SyncBatchNorm
@@ -809,10 +1066,11 @@ def _train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: 
         else:
             loss.backward()
             step()
-        loss_sum += loss.detach().double() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-    return loss_sum, correct, seen
+        part.losses[i] = loss.detach()
+        part.loss_sum += loss.detach().double() * len(y)
+        part.correct += (logits.detach().argmax(1) == y).sum()
+        part.seen += len(y)
+        part.step = i + 1
 
 
 def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metrics_path: Path,
@@ -924,6 +1182,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             c.validate()
         dataset = D.load_dataset(a.dataset, a.data_dir)
         results = sweep(configs, (k, n), dataset)
+    except Preempted as e:  # SIGTERM: checkpointed; the scheduler (or the user) runs the same command again
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT) from e
     except (D.DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

@@ -184,6 +184,15 @@ def test_loader_is_seeded_per_epoch_and_augments():
     assert [len(y) for _, y in ev] == [50, 14] and torch.equal(torch.cat([y for _, y in ev]), ds.test_y)
 
 
+def test_an_epoch_started_at_a_batch_gives_the_rest_of_that_epoch():
+    """A run resumed inside an epoch (SIGTERM) starts at the next batch: the batches before are drawn
+    from the epoch's generator, not made, so the rest are the same images and augmentations."""
+    ds = D.synthetic(n_train=256, n_test=64)
+    mk = lambda: D.BatchLoader(ds.train_x, ds.train_y, ds.mean, ds.std, 64, train=True, seed=3)  # noqa: E731
+    whole, rest = list(mk().epoch(2)), list(mk().epoch(2, start=3))
+    assert len(rest) == 1 and torch.equal(rest[0][0], whole[3][0]) and torch.equal(rest[0][1], whole[3][1])
+
+
 def test_loader_slices_for_data_parallel():
     ds = D.synthetic(n_train=128, n_test=10)
     full = list(D.BatchLoader(ds.train_x, ds.train_y, ds.mean, ds.std, 32, train=True, seed=1).epoch(0))

@@ -204,6 +204,15 @@ def test_batches_depend_on_seed_and_epoch_only(tree):
     assert abs(float(torch.cat([x for x, _ in serial]).mean())) < 1.5  # normalised
 
 
+def test_an_epoch_started_at_a_batch_gives_the_rest_of_that_epoch(tree):
+    """A run resumed inside an epoch (SIGTERM) starts its loader at the next batch: the same batches."""
+    ds = D.load_dataset("imagefolder", tree)
+    whole, rest = list(_loader(ds).epoch(1)), list(_loader(ds).epoch(1, start=2))
+    assert len(rest) == len(whole) - 2
+    for (a, ya), (b, yb) in zip(whole[2:], rest, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
 def test_the_processes_slices_make_one_processs_batch(tree):
     ds = D.load_dataset("imagefolder", tree)
     whole = list(_loader(ds).epoch(0))
