@@ -17,7 +17,6 @@ k = 5 (:func:`sd_interval`): only large differences in spread between designs ar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ import pandas as pd
 
 from . import data as D
 from .study import paired
-from .train import Config, sweep
+from .train import Config, read_metrics, sweep
 
 __all__ = ["Design", "design_configs", "measure", "spread", "affordable_seeds", "sd_interval", "main"]
 
@@ -75,7 +74,7 @@ def measure(designs: list[Design], base: Config, seeds: list[int], optimizers: l
     for cfg, s in zip(cfgs, sweep(cfgs, dataset=dataset), strict=True):
         if "failed" in s or "locked" in s:
             raise RuntimeError(f"{cfg.run_dir().name}: {s.get('failed') or s['locked']}")
-        metrics = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        metrics = read_metrics(cfg.run_dir() / "metrics.jsonl")
         rows.append({"design": str(Design(cfg.subset, cfg.epochs)), "images": cfg.subset * cfg.epochs,
                      "optimizer": cfg.optimizer, "seed": cfg.seed, "acc": 100 * s["final_test_acc"],
                      "train_seconds": sum(m["epoch_seconds"] for m in metrics),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .train import Config, sweep
+from .train import Config, read_metrics, sweep
 
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLES", "PAPER_SOURCES", "PAPER_TABLE_OF", "PAPER_EPOCH_SECONDS",
            "selection_config", "select_lr", "write_selected", "read_selected_files", "load_runs", "load_metrics",
@@ -203,7 +203,7 @@ def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd
         if c is None:
             unrecorded.append(p.parent.name)
             continue
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        rows = read_metrics(p)
         for r in rows:
             layers = r.pop("psi_layers", {})
             if layers:

@@ -62,7 +62,7 @@ from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effecti
 from .psisgd import MAX_NORM
 
 __all__ = ["Config", "configs_from_args", "discovery_examples", "run", "sweep", "lr_factor", "optimizer_for",
-           "TrainingDiverged", "RunLocked", "DiskFull", "ConfigMismatch", "Preempted", "lock_holder", "main",
+           "read_metrics", "TrainingDiverged", "RunLocked", "DiskFull", "ConfigMismatch", "Preempted", "lock_holder", "main",
            "SCHEDULES", "AMP_MODES", "COMPILED_STEP", "PREEMPTED_EXIT"]
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -579,19 +579,22 @@ class _Stop:
         return bool(flag.item())
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``, without a last line torn by a crash or a full disk (the next
+    resume drops it from the file too)."""
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(ln))
+    return rows
+
+
 def _kept_metrics(metrics_path: Path, start: int) -> str:
     """The metrics of the epochs before ``start`` (what the checkpoint holds): a row of a later epoch
     (written before a crash or a full disk kept its checkpoint from the disk) goes, and so does a line
     torn by one."""
-    kept = []
-    for ln in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if row["epoch"] < start:
-            kept.append(ln + "\n")
-    return "".join(kept)
+    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    return "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] < start)
 
 
 def _same_run(record: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psi import train
+from psi import study, train
 from tests.procs import ROOT, Gated, env, torchrun, torchrun_script
 
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
@@ -75,7 +75,7 @@ def whole_here(tmp_path_factory) -> list[dict]:
 _KILLER = """\
 import os, signal, sys
 from pathlib import Path
-from psi import train
+from psi import study, train
 point, argv = sys.argv[1], sys.argv[2:]
 writes = [0]
 
@@ -216,6 +216,7 @@ def test_a_metrics_line_cut_by_a_full_disk_is_dropped_on_resume(tmp_path, monkey
             train.run(cfg)
     d = cfg.run_dir()
     assert len((d / "metrics.jsonl").read_text().splitlines()) == 2  # one row and a torn one
+    assert len(train.read_metrics(d / "metrics.jsonl")) == 1 and len(study.load_metrics(tmp_path)) == 1  # readable
     assert train.run(cfg)["epochs"] == 3
     assert _rows(d) == whole_here
 
@@ -309,7 +310,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_same_command_resumes_it(tm
 # the same step boundary, checkpoint and exit 143; the same torchrun command resumes to the same bits.
 _TERM_RANK0 = """
 import os, signal
-from psi import train
+from psi import study, train
 real, calls = train.set_lr, [0]
 
 def set_lr(opt, factor):
@@ -343,3 +344,15 @@ def test_sigterm_to_one_process_stops_a_data_parallel_run_together_and_it_resume
                            capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _rows(_run_dir(out)) == _rows(_run_dir(tmp_path / "whole"))
+
+
+def test_a_grid_worker_stopped_by_sigterm_exits_143(monkeypatch, capsys):
+    """psi.grid's worker passes the stop on as the exit status a scheduler reads as 'terminated'."""
+    from psi import grid
+
+    def stopped(*a, **kw):
+        raise train.Preempted("r: stopped by SIGTERM at step 4 of 10 in epoch 2; ...")
+
+    monkeypatch.setattr(grid, "work", stopped)
+    assert grid.main(["worker", "--plan", "plan.json"]) == 143
+    assert "stopped: r: stopped by SIGTERM" in capsys.readouterr().err
