@@ -37,6 +37,7 @@ import csv
 import functools
 import io
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -326,6 +327,19 @@ def _worker_init(_: int) -> None:
 
 
 @functools.cache
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where the decoding workers come from: a fork server, a clean single-threaded process started
+    once, this module loaded in it. Forking the training process itself, which runs threads (gloo's,
+    torch's), deadlocked a worker now and then inside CPython's after-fork code (a lock another thread
+    held at the fork; seen under torchrun in about 1 of 10 runs on a loaded machine)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+@functools.cache
 def _torchvision_decoder() -> Callable[[list[Tensor], torch.device], list[Tensor]] | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -407,6 +421,7 @@ class ImageLoader:
                          size=self.image_size, raw=raw, draft=self.draft)
         loader = torch.utils.data.DataLoader(
             items, batch_size=None, shuffle=False, num_workers=self.workers, worker_init_fn=_worker_init,
+            multiprocessing_context=_worker_context() if self.workers else None,
             pin_memory=self.device.type == "cuda" and not raw, prefetch_factor=4 if self.workers else None)
         for item in loader:
             if raw:
