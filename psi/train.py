@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from . import data as D
 from . import images as I
+from . import kernels
 from .models import MODELS, build_model
 from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effective_lr
 from .psisgd import MAX_NORM
@@ -627,7 +628,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     opt = optimizer_for(cfg, model, example)
     if rank == 0:  # what ran: the config and every group's hyperparameters as the optimizer reads them
         _write_json(out / "config.json", {**asdict(cfg), "device_kind": device.type, "world_size": world,
-                                          "groups": describe(opt)})
+                                          "groups": describe(opt), "kernels": kernels.record()})
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -827,7 +828,8 @@ def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metri
             "warmup_epoch_seconds": [r["epoch_seconds"] for r in rows if r.get("warmup")],
             "world_size": world, "data_source": ds.source, "torch": torch.__version__,
             "trained_by": {"pid": os.getpid(), "host": socket.gethostname()},  # the process that finished it
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "kernels": kernels.record()}  # what decides the CPU bits (psi.kernels)
 
 
 def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dataset | None = None,
