@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PIN", "PINNED_PROFILES", "CPU_ISAS", "pin", "env_for", "reexec", "record", "label", "UNRECORDED"]
+__all__ = ["PIN", "PINNED_PROFILES", "CPU_ISAS", "pin", "env_for", "reexec", "record", "label", "describe", "UNRECORDED"]
 
 # The AVX2 kernels: what the machine that made reference/quick had at best (a 2-core AMD EPYC).
 PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -104,3 +104,14 @@ def label(rec: Mapping[str, Any] | None) -> str:
         return UNRECORDED
     return (f"{rec.get('cpu_capability')}/{rec.get('ONEDNN_MAX_CPU_ISA') or 'native'}/{rec.get('threads')}t "
             f"torch {rec.get('torch')}")
+
+
+def describe(profile: str | None = None) -> str:
+    """This process's kernels in words (:func:`label`); for a pinned profile that is not running under
+    the pin (a notebook opened in Jupyter, ``--cpu-isa native``), what that means and how to pin it."""
+    line = "CPU kernels: " + label(record())
+    if profile in PINNED_PROFILES and any(os.environ.get(k) != v for k, v in pin().items()):
+        line += (f"; not the {profile} profile's AVX2 pin, so its results may differ in the last bits from the "
+                 f"same runs on other machines (reference/quick; pinned: ./run_all.sh, or Jupyter started with "
+                 f"ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
+    return line
