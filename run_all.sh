@@ -19,6 +19,12 @@
 #   --reference DIR              also copy every notebook's figures (PNG) and notebook 05's
 #                                table, tests and verdict to DIR
 #   --only NN                    run only the notebooks whose name starts with NN (e.g. 04)
+#   --cpu-isa avx2|native        the CPU kernels torch trains with. avx2 (default): smoke and quick run
+#                                under torch's AVX2 kernels on x86-64 (ATEN_CPU_CAPABILITY=avx2
+#                                ONEDNN_MAX_CPU_ISA=AVX2, exported before anything imports torch), so
+#                                that they give reference/quick's numbers to the bit on any x86-64 CPU;
+#                                native: the CPU's best (AVX-512 where it has it: faster, other last
+#                                bits). paper and imagenet are not pinned (native unsets the two too)
 #
 # The training runs on many GPUs or CPU workers (python -m psi.grid run, before the notebooks;
 # notebook 04 then reads the finished runs back):
@@ -37,7 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 profile=quick device="" data_dir="${PSI_DATA:-}" out="" shard=1/1 threads="" reference="" only=""
-gpus="" runs_per_gpu="" procs_per_run="" workers="" dry_run="" amp="" no_compile="" no_channels_last="" deterministic=""
+cpu_isa=avx2 gpus="" runs_per_gpu="" procs_per_run="" workers="" dry_run="" amp="" no_compile="" no_channels_last="" deterministic=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
@@ -57,11 +63,21 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --reference) reference="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
+    --cpu-isa) cpu_isa="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
 case "$profile" in smoke|quick|paper|imagenet) ;; *) echo "run_all.sh: --profile must be smoke, quick, paper or imagenet, not '$profile'" >&2; exit 2 ;; esac
+case "$cpu_isa" in avx2|native) ;; *) echo "run_all.sh: --cpu-isa must be avx2 or native, not '$cpu_isa'" >&2; exit 2 ;; esac
+# The CPU kernels (psi.kernels; README, "The CPU kernels"): torch reads both variables when it first runs a
+# kernel, so they are set here, before any process imports torch; psi.grid, papermill and every notebook's
+# kernel inherit them.
+if [ "$cpu_isa" = native ]; then
+  unset ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA
+elif [[ "$profile" == smoke || "$profile" == quick ]] && [[ "$(uname -m)" == x86_64 || "$(uname -m)" == amd64 ]]; then
+  export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+fi
 if [[ ! "$shard" =~ ^([0-9]+)/([0-9]+)$ ]] || [ "${BASH_REMATCH[1]}" -lt 1 ] || [ "${BASH_REMATCH[1]}" -gt "${BASH_REMATCH[2]}" ]; then
   echo "run_all.sh: --shard must be k/n with 1 <= k <= n, not '$shard'" >&2; exit 2
 fi
@@ -124,11 +140,12 @@ notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 # notebook 04 runs once per dataset of the profile (paper: CIFAR-10 and CIFAR-100, Tables 1 and 2)
 read -r -a datasets < <("$py" -c "from psi.notebook import PROFILE_DATASETS; print(*PROFILE_DATASETS['$profile'])")
 n=${#notebooks[@]} i=0
-echo "psi run_all: profile $profile, device $device, results in $out${tag:+, shard $shard}"
+kernels_now=$("$py" -c "import os, torch; print(torch.backends.cpu.get_cpu_capability(), 'kernels (oneDNN ISA', os.environ.get('ONEDNN_MAX_CPU_ISA') or 'native', end=')')")
+echo "psi run_all: profile $profile, device $device, results in $out${tag:+, shard $shard}; CPU: $kernels_now"
 if [ -n "$gpus$runs_per_gpu$procs_per_run$workers$dry_run" ] && { [ -z "$only" ] || [[ "04_cifar" == "$only"* ]]; }; then
   for d in "${datasets[@]}"; do
     grid=("$py" -m psi.grid run --profile "$profile" --set "dataset=$d" --out "$out" --device "$device" --shard "$shard"
-          "${grid_train[@]}")
+          --cpu-isa "$cpu_isa" "${grid_train[@]}")
     [ -n "$gpus" ] && grid+=(--gpus "$gpus")
     [ -n "$runs_per_gpu" ] && grid+=(--runs-per-gpu "$runs_per_gpu")
     [ -n "$procs_per_run" ] && grid+=(--procs-per-run "$procs_per_run")
@@ -183,6 +200,7 @@ if [ -n "$tag" ]; then
   again=(./run_all.sh --profile "$profile" --out "$out" --device "$device")
   [ -n "$data_dir" ] && again+=(--data-dir "$data_dir")
   [ -n "$threads" ] && again+=(--threads "$threads")
+  [ "$cpu_isa" = native ] && again+=(--cpu-isa native)
   again+=("${grid_train[@]}")
   echo "shard $shard done. Once all $n_shard shards are done, run once (it reuses every finished run):"
   printf '  %s\n' "$(printf '%q ' "${again[@]}")"

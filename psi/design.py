@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import data as D
+from . import kernels
 from .study import paired
 from .train import Config, read_metrics, sweep
 
@@ -127,7 +129,9 @@ def spread(runs: pd.DataFrame, a: str = "psi-sgdm", b: str = "sgd", alpha: float
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
+def main(argv: list[str] | None = None, reexec: bool = False) -> pd.DataFrame:
+    """The command line; ``reexec`` (``python -m psi.design``): start again under the AVX2 pin when this
+    process lacks it (its runs are the quick profile's: :mod:`psi.kernels`)."""
     ap = argparse.ArgumentParser(prog="python -m psi.design", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--designs", nargs="+", default=["5000x3", "7500x2", "15000x1"], help="IMAGESxEPOCHS each")
@@ -144,7 +148,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--data-dir", help="dataset folder (default $PSI_DATA, else ./data)")
     ap.add_argument("--out", default="results/quick/runs", help="runs folder (the study's, to reuse the runs)")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--cpu-isa", default="avx2", choices=list(kernels.CPU_ISAS),
+                    help="avx2 (default): torch's AVX2 kernels on x86-64, as the quick profile it designs "
+                         "(psi.kernels); native: the CPU's best")
     a = ap.parse_args(argv)
+    if reexec:
+        kernels.reexec(kernels.env_for("quick", a.cpu_isa), "psi.design", sys.argv[1:] if argv is None else argv)
     if a.threads:
         import torch
 
@@ -164,4 +173,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    main(reexec=True)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from . import data as D
+from . import kernels
 from .models import MODELS, build_model
 from .notebook import PROFILES, ParameterError, check_choice, check_positive, parse_shard, study_settings
 from .optimizers import LR, OPTIMIZERS
@@ -508,13 +509,15 @@ def worker_command(plan_path: Path, k: int, n: int, threads: int, steal: bool, p
 
 
 def _launch(plan_path: Path, workers: list[str | None], threads: int, steal: bool, logs: Path,
-            name: str, refresh: float, configs: list[Config], procs_per_run: int = 1) -> list[Path]:
+            name: str, refresh: float, configs: list[Config], procs_per_run: int = 1,
+            base_env: dict[str, str] | None = None) -> list[Path]:
     """Start one worker per entry of ``workers`` (its GPUs, or None on the CPU), show the progress
-    of ``configs`` until all have exited; return the logs of those that failed."""
+    of ``configs`` until all have exited; return the logs of those that failed. The workers'
+    environment is ``base_env`` (default: this process's; :func:`psi.kernels.env_for` pins it)."""
     procs = []
     n = len(workers)
     for k, gpu in enumerate(workers, 1):
-        env = dict(os.environ, PSI_PROGRESS="0", OMP_NUM_THREADS=str(threads),
+        env = dict(os.environ if base_env is None else base_env, PSI_PROGRESS="0", OMP_NUM_THREADS=str(threads),
                    PSI_WORKER_CPUS=str(threads * procs_per_run))  # its share, for an image loader's processes
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -615,6 +618,16 @@ def _print_plan(settings: dict[str, Any], base: Config, p: dict[str, Any], assig
           + (f"; {len(every) - len(known)} runs of models not timed are not in it" if len(known) < len(every) else ""))
 
 
+def _kernels_line(a: argparse.Namespace) -> str:
+    """What decides the workers' CPU bits, as this process sees them when it runs under their environment."""
+    if all(a.env.get(k) == v for k, v in kernels.PIN.items()):
+        how = f"pinned to AVX2 (the {a.profile} profile; --cpu-isa native lifts it)"
+    else:
+        how = "the CPU's best (--cpu-isa native)" if a.cpu_isa == "native" else "not pinned (only smoke and quick are)"
+    same = all(a.env.get(k) == os.environ.get(k) for k in kernels.PIN)
+    return f"kernels: {kernels.label(kernels.record()) if same else 'set for the workers'}, {how}"
+
+
 def _cmd_run(a: argparse.Namespace) -> int:
     settings, base = _study(a)
     out = Path(a.out)
@@ -629,6 +642,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     p = plan(settings, base)
     p["study"] = cost_order(_sharded(p["study"], shard))
     tag = "" if shard == (1, 1) else f".shard-{shard[0]}-of-{shard[1]}"
+    print(_kernels_line(a), flush=True)
     if a.dry_run:
         _print_plan(settings, base, p, lambda j: f"worker {j % n + 1}/{n}" + (
             f" gpu {workers[j % n]}" if workers[j % n] is not None else ""), a.measure_steps, n, "workers")
@@ -651,7 +665,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
                              "--procs-per-run 1 (or pass --set lr_grids={} to skip it), then run with --procs-per-run")
     if p["pending"]:  # the learning-rate selection: starting rates on every worker, then worker 1 chooses
         sel = _plan_file(out, "select", tag, settings, base, p["select"])
-        failed += _launch(sel, workers, threads, not a.no_steal, logs, f"select{tag}", a.refresh, p["select"], 1)
+        failed += _launch(sel, workers, threads, not a.no_steal, logs, f"select{tag}", a.refresh, p["select"], 1,
+                          a.env)
         p = plan(settings, base)
         p["study"] = cost_order(_sharded(p["study"], shard))
         if p["pending"]:
@@ -666,7 +681,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     else:
         # a data-parallel worker's processes must agree on every run they take: no stealing (which races)
         failed += _launch(plan_path, workers, threads, not a.no_steal and a.procs_per_run == 1, logs, f"study{tag}",
-                          a.refresh, p["study"], a.procs_per_run)
+                          a.refresh, p["study"], a.procs_per_run, a.env)
     states = run_states(p["select"] + p["study"])
     for line in _status_lines(p["select"] + p["study"]):
         print(line)
@@ -812,6 +827,11 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--no-compile", action="store_true", help="no torch.compile (default: on CUDA)")
     study.add_argument("--no-channels-last", action="store_true", help="keep NCHW (default: channels-last on CUDA)")
     study.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms (slower)")
+    study.add_argument("--cpu-isa", default="avx2", choices=list(kernels.CPU_ISAS),
+                       help="avx2 (default): the smoke and quick profiles train under torch's AVX2 kernels on x86-64 "
+                            "(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), so their results are the same to "
+                            "the bit on any x86-64 machine (README, \"The CPU kernels\"); native: the CPU's best "
+                            "(AVX-512 where it has it: faster, other last bits)")
     study.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help=f"a study setting of notebook 04 over the profile's, e.g. --set 'models=[\"resnet20\"]' "
                             f"--set dataset=cifar100; NAME: {', '.join(SETTINGS)}")
@@ -874,9 +894,17 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, reexec: bool = False) -> int:
+    """The command line. ``reexec`` (``python -m psi.grid``): a run or slurm command whose profile is
+    pinned (:mod:`psi.kernels`) starts itself again under the pinned environment when this one lacks
+    it, so that whatever this process trains (slurm's selection) and every worker is pinned; called
+    in-process, only the workers' environment is set."""
     ap = _parser()
     a = ap.parse_args(argv)
+    if a.command in ("run", "slurm"):
+        a.env = kernels.env_for(a.profile, a.cpu_isa)
+        if reexec:
+            kernels.reexec(a.env, "psi.grid", sys.argv[1:] if argv is None else argv)
     try:
         if a.command == "worker":
             return 1 if work(a.plan, parse_shard(a.shard), a.threads, not a.no_steal) else 0
@@ -894,4 +922,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(reexec=True))

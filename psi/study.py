@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import kernels
 from .train import Config, read_metrics, sweep
 
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLES", "PAPER_SOURCES", "PAPER_TABLE_OF", "PAPER_EPOCH_SECONDS",
            "selection_config", "select_lr", "write_selected", "read_selected_files", "load_runs", "load_metrics",
-           "label_tuned", "not_run", "compare", "paired", "min_detectable", "judge"]
+           "label_tuned", "not_run", "compare", "paired", "min_detectable", "judge", "MixedKernels",
+           "check_same_kernels"]
 
 _ALGOS = ("sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm")
 # Table 1 (p. 1134 of the proceedings, page 7 of the PDF): mean and std of the test accuracy in %,
@@ -170,10 +172,18 @@ def _warn_unrecorded(names: list[str], runs_dir: str | os.PathLike) -> None:
                       stacklevel=3)
 
 
+def _kernels_of(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The kernels a run was made under (:func:`psi.kernels.label`): the finishing process's record,
+    else the starting one's; :data:`psi.kernels.UNRECORDED` for a run made before runs recorded it."""
+    return kernels.label(summary.get("kernels") or config.get("kernels"))
+
+
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:
     """One row per finished run folder under ``runs_dir`` (those with a ``summary.json``): its
     setting and the named method's learning rate as the run recorded them (``config.json``), never
-    today's defaults. Runs that record neither are left out, with a warning."""
+    today's defaults, and the CPU kernels it ran under (``kernels``, :func:`psi.kernels.label`:
+    ``unrecorded`` for runs made before runs recorded them). Runs that record neither setting nor
+    groups are left out, with a warning."""
     rows, unrecorded = [], []
     for p in sorted(Path(runs_dir).glob("*/summary.json")):
         c = _recorded(p.parent)
@@ -187,7 +197,7 @@ def load_runs(runs_dir: str | Path) -> pd.DataFrame:
                      "epochs": c["epochs"], "subset": c["subset"], "split": split,
                      "acc": 100 * _final(s, split), "best_acc": 100 * s[f"best_{split}_acc"],
                      "final_train_loss": s["final_train_loss"], "epoch_seconds": s["mean_epoch_seconds"],
-                     "source": s.get("data_source")})
+                     "source": s.get("data_source"), "kernels": _kernels_of(c, s)})
     _warn_unrecorded(unrecorded, runs_dir)
     return pd.DataFrame(rows)
 
@@ -244,10 +254,12 @@ def not_run(runs: pd.DataFrame) -> pd.DataFrame:
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and count over seeds of the final test accuracy per setting, dataset, model,
-    optimizer and lr, beside the paper's table *for that setting* (``PAPER_TABLE_OF``: Table 1 for
-    ``table1`` and ``tuned``, Table 2 for ``table2``); ``diff`` = ours - paper."""
-    test = runs[runs["split"] == "test"]
-    agg = test.groupby(["setting", "dataset", "model", "optimizer", "lr", "epochs", "subset"], dropna=False)["acc"].agg(
+    optimizer, lr and CPU kernels (runs under other kernels are other rows, never one mean), beside
+    the paper's table *for that setting* (``PAPER_TABLE_OF``: Table 1 for ``table1`` and ``tuned``,
+    Table 2 for ``table2``); ``diff`` = ours - paper."""
+    test = _with_kernels(runs[runs["split"] == "test"])
+    agg = test.groupby(["setting", "dataset", "model", "optimizer", "lr", "epochs", "subset", "kernels"],
+                       dropna=False)["acc"].agg(
         ["mean", "std", "count"]).reset_index()
     agg["paper_table"] = agg["setting"].map(PAPER_TABLE_OF)
     out = agg.merge(PAPER_TABLES, on=["paper_table", "dataset", "model", "optimizer"], how="left")
@@ -255,7 +267,34 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _with_kernels(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with a ``kernels`` column (``unrecorded`` where it has none: rows made by hand, old tables)."""
+    if "kernels" not in runs:
+        return runs.assign(kernels=kernels.UNRECORDED)
+    return runs.assign(kernels=runs["kernels"].fillna(kernels.UNRECORDED))
+
+
 # -- paired comparisons ------------------------------------------------------------------------
+
+class MixedKernels(ValueError):
+    """The runs of one comparison were made under different CPU kernels (:mod:`psi.kernels`)."""
+
+
+def check_same_kernels(runs: pd.DataFrame, what: str) -> str:
+    """The one kernels label of ``runs`` (``unrecorded`` without a ``kernels`` column); raise
+    :class:`MixedKernels`, naming each label and its runs, when they hold several: a difference of
+    runs made under other kernels holds the kernels' difference too (issue 16: 30.73 against 29.55
+    for the same SGD runs under AVX-512 and AVX2), and runs whose kernels are unrecorded are not
+    known to match the others."""
+    labels = _with_kernels(runs)["kernels"]
+    if labels.nunique() > 1:
+        counts = "; ".join(f"{k}: {n} runs" for k, n in labels.value_counts().sort_index().items())
+        raise MixedKernels(f"{what} pairs runs made under different CPU kernels ({counts}): their difference would "
+                           f"hold the kernels' too. Fix: train them again under one (./run_all.sh pins AVX2 for the "
+                           f"smoke and quick profiles; --cpu-isa native lifts it), or compare the rows of one "
+                           f"kernels label (the kernels column of psi.study.load_runs).")
+    return labels.iloc[0] if len(labels) else kernels.UNRECORDED
+
 
 def min_detectable(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest true mean difference that a two-sided paired t-test at level ``alpha`` finds
@@ -286,9 +325,11 @@ def paired(runs: pd.DataFrame, a: str, b: str = "sgd", alpha: float = 0.05, powe
     batches). Returns the mean difference ``diff``, its ``1 - alpha`` confidence interval
     (``ci_low``, ``ci_high``: t), ``n`` pairs, ``sd`` of the differences, the paired t-test's
     ``p`` and ``mde``, the smallest effect this design detects with probability ``power``
-    (:func:`min_detectable`). Seeds run by only one of the two are left out."""
+    (:func:`min_detectable`), and the runs' ``kernels``. Seeds run by only one of the two are left out.
+    Runs of ``a`` and ``b`` made under different CPU kernels are refused (:func:`check_same_kernels`)."""
     from scipy import stats
 
+    label = check_same_kernels(runs[runs["optimizer"].isin([a, b])], f"the comparison {a} - {b}")
     x = runs.loc[runs["optimizer"] == a].set_index("seed")["acc"]
     y = runs.loc[runs["optimizer"] == b].set_index("seed")["acc"]
     if x.index.has_duplicates or y.index.has_duplicates:
@@ -298,7 +339,7 @@ def paired(runs: pd.DataFrame, a: str, b: str = "sgd", alpha: float = 0.05, powe
     d = (x[seeds] - y[seeds]).to_numpy(dtype=float)
     n = len(d)
     out = {"diff": float(d.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": n,
-           "sd": math.nan, "p": math.nan, "mde": math.nan}
+           "sd": math.nan, "p": math.nan, "mde": math.nan, "kernels": label}
     if n < 2:
         return out
     sd = float(d.std(ddof=1))

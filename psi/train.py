@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from . import data as D
 from . import images as I
+from . import kernels
 from .models import MODELS, build_model
 from .optimizers import OPTIMIZERS, SETTINGS, build_optimizer, describe, effective_lr
 from .psisgd import MAX_NORM
@@ -845,8 +846,9 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     else:
         example = next(iter(train.epoch(0)))[0][:discovery_examples(32)]
     opt = optimizer_for(cfg, model, example)
-    # what ran: the config and every group's hyperparameters as the optimizer reads them
-    record = {**asdict(cfg), "device_kind": device.type, "world_size": world, "groups": describe(opt)}
+    # what ran: the config, every group's hyperparameters as the optimizer reads them, the CPU kernels
+    record = {**asdict(cfg), "device_kind": device.type, "world_size": world, "groups": describe(opt),
+              "kernels": kernels.record()}
     ckpt_path = out / "checkpoint.pt"
     if rank == 0:
         _clear_stale_temps(out)
@@ -1088,7 +1090,8 @@ def _summary(cfg: Config, device: torch.device, world: int, ds: D.Dataset, metri
             "warmup_epoch_seconds": [r["epoch_seconds"] for r in rows if r.get("warmup")],
             "world_size": world, "data_source": ds.source, "torch": torch.__version__,
             "trained_by": {"pid": os.getpid(), "host": socket.gethostname()},  # the process that finished it
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "kernels": kernels.record()}  # what decides the CPU bits (psi.kernels)
 
 
 def sweep(configs: list[Config], shard: tuple[int, int] = (1, 1), dataset: D.Dataset | None = None,

@@ -144,3 +144,31 @@ def test_the_imagenet_profile_fills_table1s_imagenet_rows(tmp_path):
     assert len(rows) == 1 and "paper 67.72" in rows[0] and "paper 69.42" in rows[0]  # SGD, PSI-SGDM: Table 1
     not_run = (figs / "05_analysis" / "not_run.csv").read_text()
     assert "imagenet,resnet18,sgd," not in not_run and "imagenet,resnet18,adam," in not_run
+
+
+def _code_lines(path: Path) -> int:
+    nb = json.loads(path.read_text())
+    return sum(1 for c in nb["cells"] if c["cell_type"] == "code" for ln in "".join(c["source"]).splitlines()
+               if ln.strip())
+
+
+def test_the_analysis_notebook_keeps_its_logic_in_psi():
+    assert _code_lines(ROOT / "notebooks" / "05_analysis.ipynb") <= 70  # psi.analysis holds the rest
+
+
+def test_smoke_trains_under_the_avx2_pin_and_the_analysis_shows_the_kernels(smoke):
+    """run_all.sh exports the pin; psi.grid, papermill and notebook 04's kernel inherit it (issue 16)."""
+    import platform
+
+    out, stdout = smoke
+    if platform.machine().lower() not in ("x86_64", "amd64") or " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the pin is AVX2's: this CPU is not x86-64 with AVX2")
+    records = [json.loads(p.read_text())["kernels"] for p in (out / "runs").glob("*/config.json")]
+    assert records and all((r["cpu_capability"], r["ATEN_CPU_CAPABILITY"], r["ONEDNN_MAX_CPU_ISA"], r["threads"])
+                           == ("AVX2", "avx2", "AVX2", 1) for r in records)
+    nb = json.loads((out / "executed" / "04_cifar.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
+    assert "CPU kernels: AVX2/AVX2/1t" in text and "not the smoke profile's AVX2 pin" not in text
+    table = (out / "figures" / "05_analysis" / "table1.md").read_text()
+    assert "| kernels " in table and "AVX2/AVX2/1t torch" in table
+    assert "AVX2/AVX2/1t torch" in (out / "figures" / "05_analysis" / "paired.csv").read_text()

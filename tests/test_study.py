@@ -1,5 +1,6 @@
 """psi.study: the learning-rate selection and its files, the paper's tables, paired comparisons."""
 
+import json
 import math
 
 import numpy as np
@@ -117,3 +118,47 @@ def test_min_detectable_effect_has_the_power_it_claims():
 ])
 def test_judge_says_not_confirmed_only_where_the_numbers_do(ci, paper, words):
     assert study.judge({"ci_low": ci[0], "ci_high": ci[1], "n": 3}, paper).startswith(words)
+
+
+def _fake_run(runs_dir, name, optimizer, seed, acc, record=None):
+    d = runs_dir / name
+    d.mkdir(parents=True)
+    config = {"dataset": "cifar10", "model": "resnet20", "optimizer": optimizer, "setting": "table1", "seed": seed,
+              "epochs": 1, "subset": 15000, "val_size": 0, "groups": [{"name": "all", "lr": 0.1}]}
+    summary = {"final_test_acc": acc, "best_test_acc": acc, "final_train_loss": 1.0, "mean_epoch_seconds": 1.0}
+    if record is not None:
+        config["kernels"] = summary["kernels"] = record
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+AVX2 = {"cpu_capability": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "threads": 2,
+        "cpu_model": "AMD EPYC", "machine": "x86_64", "torch": "2.13.0+cpu"}
+AVX512 = {**AVX2, "cpu_capability": "AVX512", "ATEN_CPU_CAPABILITY": None, "ONEDNN_MAX_CPU_ISA": None}
+
+
+def test_load_runs_names_each_runs_kernels_and_old_runs_are_unrecorded(tmp_path):
+    _fake_run(tmp_path, "a", "sgd", 0, 0.3, AVX2)
+    _fake_run(tmp_path, "b", "sgd", 1, 0.3, AVX512)
+    _fake_run(tmp_path, "c", "sgd", 2, 0.3)  # made before runs recorded their kernels (reference/quick's)
+    runs = study.load_runs(tmp_path).set_index("run")
+    assert runs.loc["a", "kernels"] == "AVX2/AVX2/2t torch 2.13.0+cpu"
+    assert runs.loc["b", "kernels"] == "AVX512/native/2t torch 2.13.0+cpu"
+    assert runs.loc["c", "kernels"] == "unrecorded"
+
+
+def test_runs_under_other_kernels_are_never_paired_nor_averaged(tmp_path):
+    for seed in range(3):
+        _fake_run(tmp_path, f"sgd{seed}", "sgd", seed, 0.30 + seed / 100, AVX2)
+        _fake_run(tmp_path, f"psi{seed}", "psi-sgdm", seed, 0.31 + seed / 100, AVX512 if seed == 2 else AVX2)
+    runs = study.load_runs(tmp_path)
+    with pytest.raises(study.MixedKernels, match=r"AVX2/AVX2/2t torch 2.13.0\+cpu: 5 runs; AVX512/native/2t torch "
+                                                 r"2.13.0\+cpu: 1 runs.*--cpu-isa native"):
+        study.paired(runs, "psi-sgdm")
+    same = study.paired(runs[runs.kernels.str.startswith("AVX2")], "psi-sgdm")
+    assert same["n"] == 2 and same["kernels"] == "AVX2/AVX2/2t torch 2.13.0+cpu"
+    assert study.paired(_runs(), "psi-sgdm")["kernels"] == "unrecorded"  # rows without the column: one label
+    t = study.compare(runs)
+    assert sorted(t.loc[t.optimizer == "psi-sgdm", "count"]) == [1, 2]  # one row per kernels, not one mean
+    with pytest.raises(study.MixedKernels, match="unrecorded: 1 runs"):  # unrecorded: not known to be the same
+        study.paired(pd.concat([runs, study.load_runs(tmp_path).assign(kernels=None)[:1]]), "psi-sgdm")
