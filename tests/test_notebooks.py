@@ -168,7 +168,8 @@ def test_smoke_trains_under_the_avx2_pin_and_the_analysis_shows_the_kernels(smok
                            == ("AVX2", "avx2", "AVX2", 1) for r in records)
     nb = json.loads((out / "executed" / "04_cifar.ipynb").read_text())
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
-    assert "CPU kernels: AVX2/AVX2/1t" in text and "not the smoke profile's AVX2 pin" not in text
+    # the notebook's own process (its thread count is its own: the runs' records above say 1 thread)
+    assert "CPU kernels: AVX2/AVX2/" in text and "not the smoke profile's AVX2 pin" not in text
     table = (out / "figures" / "05_analysis" / "table1.md").read_text()
     assert "| kernels " in table and "AVX2/AVX2/1t torch" in table
     assert "AVX2/AVX2/1t torch" in (out / "figures" / "05_analysis" / "paired.csv").read_text()
