@@ -17,6 +17,7 @@ import torch
 
 from psi import study, train
 from tests.procs import ROOT, Gated, env, torchrun, torchrun_script
+from tests.test_gpu_path import _run_cut
 
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
         "--threads", "1", "--optimizer", "psi-sgdm", "--epochs", "3"]
@@ -75,7 +76,8 @@ def whole_here(tmp_path_factory) -> list[dict]:
 _KILLER = """\
 import os, signal, sys
 from pathlib import Path
-from psi import study, train
+from psi import train
+from tests.test_faults import _Full
 point, argv = sys.argv[1], sys.argv[2:]
 writes = [0]
 
@@ -88,28 +90,11 @@ def second_checkpoint(path):
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-class Torn:
-    def __init__(self, f):
-        self.f, self.n = f, 0
-    def write(self, b):
-        self.n += len(b)
-        if self.n > 4096:
-            self.f.write(bytes(b)[:100])
-            self.f.flush()
-            die()
-        return self.f.write(b)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        self.f.close()
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
 real_temp, real_replace = train._temp_file, os.replace
 if point == "mid-write":
     def temp(path):
         f, tmp = real_temp(path)
-        return (Torn(f) if second_checkpoint(path) else f), tmp
+        return (_Full(f, 4096, full=die) if second_checkpoint(path) else f), tmp
     train._temp_file = temp
 else:
     def replace(src, dst):
@@ -152,16 +137,22 @@ def test_the_rename_of_every_write_is_made_durable(tmp_path, monkeypatch):
 
 # -- a full disk ------------------------------------------------------------------------------
 
-class _Full:
-    """A file on a disk that fills after ``room`` bytes."""
+def _no_space() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
+
+class _Full:
+    """A file on a disk that fills after ``room`` bytes: what fits is written, then ``full()`` (by
+    default ENOSPC, as a full disk; the kill -9 tests' child dies there instead)."""
+
+    def __init__(self, f, room: int, full=_no_space):
+        self.f, self.room, self.full = f, room, full
 
     def write(self, b):
         if len(b) > self.room:
             self.f.write(b[:self.room])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.f.flush()
+            self.full()
         self.room -= len(b)
         return self.f.write(b)
 
@@ -223,27 +214,9 @@ def test_a_metrics_line_cut_by_a_full_disk_is_dropped_on_resume(tmp_path, monkey
 
 # -- a run folder made with other settings ----------------------------------------------------
 
-class _Cut(Exception):
-    """A crash right after the first checkpoint was written."""
-
-
-def _cut_after_one_epoch(cfg: train.Config, monkeypatch) -> None:
-    real = train._atomic_write
-
-    def write(path, fn):
-        real(path, fn)
-        if path.name == "checkpoint.pt":
-            raise _Cut
-
-    with monkeypatch.context() as m:
-        m.setattr(train, "_atomic_write", write)
-        with pytest.raises(_Cut):
-            train.run(cfg)
-
-
 def test_a_run_folder_made_with_other_settings_refuses_to_resume_naming_them(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
-    _cut_after_one_epoch(cfg, monkeypatch)
+    _run_cut(cfg, None, 1, monkeypatch)  # a crash right after epoch 0's checkpoint
     d = cfg.run_dir()
     path = d / "config.json"
     record = json.loads(path.read_text())
@@ -257,7 +230,7 @@ def test_a_run_folder_made_with_other_settings_refuses_to_resume_naming_them(tmp
 
 def test_where_and_how_fast_a_run_went_do_not_stop_its_resume(tmp_path, monkeypatch, whole_here):
     cfg = _cfg(tmp_path)
-    _cut_after_one_epoch(cfg, monkeypatch)
+    _run_cut(cfg, None, 1, monkeypatch)  # a crash right after epoch 0's checkpoint
     path = cfg.run_dir() / "config.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "out": "/elsewhere", "data_dir": "/data", "progress": True,
@@ -310,7 +283,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_same_command_resumes_it(tm
 # the same step boundary, checkpoint and exit 143; the same torchrun command resumes to the same bits.
 _TERM_RANK0 = """
 import os, signal
-from psi import study, train
+from psi import train
 real, calls = train.set_lr, [0]
 
 def set_lr(opt, factor):
