@@ -17,6 +17,7 @@ import torch
 
 from psi import study, train
 from tests.procs import ROOT, Gated, env, torchrun, torchrun_script
+from tests.runs import metric_rows, only_run
 from tests.test_gpu_path import _run_cut
 
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
@@ -29,17 +30,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env(), timeout=600)
 
 
-def _run_dir(out: Path) -> Path:
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    return d
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):  # timing, not results
-            r.pop(k)
-    return rows
+_run_dir, _rows = only_run, metric_rows
 
 
 def _epoch_of(run_dir: Path) -> int:

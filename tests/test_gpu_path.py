@@ -19,6 +19,7 @@ from psi import data as D
 from psi import models, train
 from psi.opcount import OpCounter
 from tests.procs import Gated, env
+from tests.runs import metric_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -57,11 +58,7 @@ def _run_cut(cfg: train.Config, ds, after_epochs: int, monkeypatch) -> None:
 
 
 def _rows(cfg: train.Config) -> list[dict]:
-    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):
-            r.pop(k)
-    return rows
+    return metric_rows(cfg.run_dir())
 
 
 # -- process group ---------------------------------------------------------------------------

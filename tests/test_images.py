@@ -22,6 +22,7 @@ from psi import data as D
 from psi import images as I
 from psi import train
 from tests.procs import env, kill_at_epoch, rendezvous_store, torchrun, torchrun_script
+from tests.runs import metric_rows, only_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["n01440764", "n01443537", "n01484850"]  # WordNet ids, so that the same tree serves --dataset imagenet
@@ -266,12 +267,7 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _rows(out: Path) -> list[dict]:
-    (f,) = list(out.glob("*/metrics.jsonl"))
-    rows = [json.loads(x) for x in f.read_text().splitlines()]
-    for r in rows:
-        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):
-            r.pop(k)
-    return rows
+    return metric_rows(only_run(out))
 
 
 def _args(tree: Path, *extra: str) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from psi import models, train
 from psi.optimizers import OPTIMIZERS, build_optimizer
 from tests.procs import env, kill_at_epoch, torchrun
+from tests.runs import metric_rows, only_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--model", "smallcnn", "--batch-size", "50", "--subset", "500", "--quiet",
@@ -105,12 +106,7 @@ def _cli(*args, env=None, **kw):
 
 
 def _metrics(out: Path):
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        for k in ("epoch_seconds", "images_per_second", "eval_seconds", "warmup"):  # timing, not results
-            r.pop(k)
-    return rows
+    return metric_rows(only_run(out))
 
 
 def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
