@@ -138,7 +138,7 @@ params_for() {  # the per-notebook, per-profile parameters (notebook 04: for dat
 
 notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 # notebook 04 runs once per dataset of the profile (paper: CIFAR-10 and CIFAR-100, Tables 1 and 2)
-read -r -a datasets < <("$py" -c "from psi.notebook import PROFILE_DATASETS; print(*PROFILE_DATASETS['$profile'])")
+read -r -a datasets < <("$py" -c "from psi.study.profiles import PROFILE_DATASETS; print(*PROFILE_DATASETS['$profile'])")
 n=${#notebooks[@]} i=0
 kernels_now=$("$py" -c "import os, torch; print(torch.backends.cpu.get_cpu_capability(), 'kernels (oneDNN ISA', os.environ.get('ONEDNN_MAX_CPU_ISA') or 'native', end=')')")
 echo "psi run_all: profile $profile, device $device, results in $out${tag:+, shard $shard}; CPU: $kernels_now"

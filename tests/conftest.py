@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache(tmp_path_factory):
-    """psi.data's decoding cache in this session's (this xdist worker's) temporary folder, for the tests
+    """psi.engine.cifar's decoding cache in this session's (this xdist worker's) temporary folder, for the tests
     and every process they start: never the project's data/psi-cache, which another copy of the suite
     (or a real run) may be writing. Tests that look at the cache set their own (monkeypatch)."""
     with pytest.MonkeyPatch.context() as m:

@@ -56,7 +56,7 @@ def run(out: Path, env: dict[str, str]) -> dict[str, Any]:
 
 
 def pinned_env() -> dict[str, str]:
-    from psi import kernels
+    from psi.engine import kernels
     from tests.procs import env
 
     return env(**kernels.PIN)

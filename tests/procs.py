@@ -72,9 +72,10 @@ def rendezvous_store() -> Iterator[list[str]]:
 GATE_LINE = "psi-test: at the gate"
 _GATE = """\
 import inspect, sys
-from psi import train
+from psi.engine import trainer
+from psi.train import main
 epoch, steps, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-real = train._train_epoch
+real = trainer.train_epoch  # looked up there by the trainer
 signature = inspect.signature(real)
 
 def gated(*a, **kw):
@@ -90,8 +91,8 @@ def gated(*a, **kw):
         bound.arguments["step"] = held
     return real(*bound.args, **bound.kwargs)
 
-train._train_epoch = gated
-train.main(argv)
+trainer.train_epoch = gated
+main(argv)
 """
 
 

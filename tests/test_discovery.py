@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import psi
-from psi import discovery
-from psi.discovery import Layer, _passing, _Probe, _run, discover
-from psi.models import BNMLP, ToyNet, resnet20
+from psi.core import discovery
+from psi.core.discovery import discover
+from psi.core.probe import Layer, _passing, _Probe, find_layers
+from psi.engine.models import BNMLP, ToyNet, resnet20
 from tests.nets import DenseSE, FrozenBN, InstanceStyle, KeepsBNFrozen, Mixed, MobileResNeXt, PreActBlockNet, ResidualNoBN
 
 # BNMLP's layers: net = [Flatten, Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d, ReLU, ..., classifier]
@@ -165,7 +166,7 @@ def test_group_testing_and_screen_agree_with_the_per_layer_oracle(name):
     m, x = build(), torch.randn(shape)
     oracle = discover(m, x, strategy="per-layer")
     assert discover(m, x) == oracle  # the default: screen + group testing
-    assert _run(m, x, 0, "group", screen=False)[0] == oracle  # group testing alone decides every layer
+    assert find_layers(m, x, 0, "group", screen=False)[0] == oracle  # group testing alone decides every layer
     assert discover(m, x, seed=1) == oracle
 
 
@@ -173,10 +174,10 @@ def test_resnet20_takes_a_few_forward_passes():
     m, x = resnet20(), torch.randn(4, 3, 32, 32)
     calls = []
     m.register_forward_hook(lambda *_: calls.append(1))  # deep-copied with the model: counts the probe's passes
-    found, n = _run(m, x, 0, "group")
+    found, n = find_layers(m, x, 0, "group")
     assert n == len(calls) == 3  # reference, screen (with its backward), one group of the 19 convs
-    assert _run(m, x, 0, "group", screen=False)[1] <= 10  # bisection down to the classifier
-    assert _run(m, x, 0, "per-layer")[1] == 22  # reference + 20 layers + the classifier with its bias
+    assert find_layers(m, x, 0, "group", screen=False)[1] <= 10  # bisection down to the classifier
+    assert find_layers(m, x, 0, "per-layer")[1] == 22  # reference + 20 layers + the classifier with its bias
     assert len(found) == 19
 
 
@@ -222,7 +223,7 @@ def test_param_groups_take_found_layers_without_a_second_discovery(monkeypatch):
     found = discover(m, x)
     assert Layer("biased", True) in found and Layer("stem", False) in found
     expected = psi.param_groups(m, x, lr=0.1)
-    monkeypatch.setattr(discovery, "_run", lambda *a, **k: pytest.fail("discovery ran again"))
+    monkeypatch.setattr(discovery, "find_layers", lambda *a, **k: pytest.fail("discovery ran again"))
     got = psi.param_groups(m, found=found, lr=0.1)
     assert [[id(p) for p in g["params"]] for g in got] == [[id(p) for p in g["params"]] for g in expected]
     assert [g.get("name") for g in got] == [g.get("name") for g in expected]
@@ -236,7 +237,7 @@ def test_unknown_strategy():
 
 
 def test_discovery_benchmark_runs_on_a_tiny_model(capsys):
-    from psi.bench import main
+    from psi.bench.cli import main
 
     main(["discovery", "--models", "tiny", "nonexistent", "--in-process"])
     out = capsys.readouterr().out

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from psi import study, train
+from psi.engine import epoch, files, trainer
+from psi.engine.config import Config
+from psi.engine.files import DiskFull
+from psi.engine.rundir import ConfigMismatch, read_metrics
+from psi.engine.stop import PREEMPTED_EXIT, STOP_POLL, Preempted, TrainingDiverged
+from psi.study.results import load_metrics
 from tests.procs import ROOT, Gated, env, torchrun, torchrun_script
 from tests.runs import metric_rows, only_run
 from tests.test_gpu_path import _run_cut
@@ -45,17 +50,17 @@ def whole(tmp_path_factory) -> list[dict]:
     return _rows(_run_dir(out))
 
 
-def _cfg(out: Path, **kw) -> train.Config:
+def _cfg(out: Path, **kw) -> Config:
     base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=3, batch_size=50, subset=500,
                 out=str(out), progress=False)
-    return train.Config(**{**base, **kw})
+    return Config(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def whole_here(tmp_path_factory) -> list[dict]:
     """The uninterrupted run's metrics, trained in this process (the in-process tests compare with it)."""
     cfg = _cfg(tmp_path_factory.mktemp("whole_here"))
-    train.run(cfg)
+    trainer.run(cfg)
     return _rows(cfg.run_dir())
 
 
@@ -67,7 +72,8 @@ def whole_here(tmp_path_factory) -> list[dict]:
 _KILLER = """\
 import os, signal, sys
 from pathlib import Path
-from psi import train
+from psi.engine import files
+from psi.train import main
 from tests.test_faults import _Full
 point, argv = sys.argv[1], sys.argv[2:]
 writes = [0]
@@ -81,12 +87,12 @@ def second_checkpoint(path):
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_temp, real_replace = train._temp_file, os.replace
+real_temp, real_replace = files._temp_file, os.replace
 if point == "mid-write":
     def temp(path):
         f, tmp = real_temp(path)
         return (_Full(f, 4096, full=die) if second_checkpoint(path) else f), tmp
-    train._temp_file = temp
+    files._temp_file = temp
 else:
     def replace(src, dst):
         last = second_checkpoint(dst)
@@ -95,8 +101,8 @@ else:
         real_replace(src, dst)
         if last:
             die()
-    train.os.replace = replace
-train.main(argv)
+    files.os.replace = replace
+main(argv)
 """
 
 
@@ -121,8 +127,8 @@ def test_the_rename_of_every_write_is_made_durable(tmp_path, monkeypatch):
         synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
         real(fd)
 
-    monkeypatch.setattr(train.os, "fsync", fsync)
-    train.run(_cfg(tmp_path, epochs=1))
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    trainer.run(_cfg(tmp_path, epochs=1))
     assert True in synced and False in synced
 
 
@@ -159,7 +165,7 @@ class _Full:
 
 def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, whole_here):
     cfg = _cfg(tmp_path)
-    real, writes = train._temp_file, []
+    real, writes = files._temp_file, []
 
     def temp(path):
         f, tmp = real(path)
@@ -170,13 +176,13 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
         return f, tmp
 
     with monkeypatch.context() as m:
-        m.setattr(train, "_temp_file", temp)
-        with pytest.raises(train.DiskFull, match=r"no space left for .*checkpoint\.pt.*previous checkpoint\.pt is "
+        m.setattr(files, "_temp_file", temp)
+        with pytest.raises(DiskFull, match=r"no space left for .*checkpoint\.pt.*previous checkpoint\.pt is "
                                                   r"intact.*run the same command again"):
-            train.run(cfg)
+            trainer.run(cfg)
     d = cfg.run_dir()
     assert _epoch_of(d) == 0 and not list(d.glob("*.tmp"))
-    assert train.run(cfg)["epochs"] == 3
+    assert trainer.run(cfg)["epochs"] == 3
     assert _rows(d) == whole_here
 
 
@@ -193,13 +199,13 @@ def test_a_metrics_line_cut_by_a_full_disk_is_dropped_on_resume(tmp_path, monkey
         return f
 
     with monkeypatch.context() as m:
-        m.setattr(train, "open", full_open, raising=False)
-        with pytest.raises(train.DiskFull, match="no space left for .*metrics.jsonl"):
-            train.run(cfg)
+        m.setattr(files, "open", full_open, raising=False)
+        with pytest.raises(DiskFull, match="no space left for .*metrics.jsonl"):
+            trainer.run(cfg)
     d = cfg.run_dir()
     assert len((d / "metrics.jsonl").read_text().splitlines()) == 2  # one row and a torn one
-    assert len(train.read_metrics(d / "metrics.jsonl")) == 1 and len(study.load_metrics(tmp_path)) == 1  # readable
-    assert train.run(cfg)["epochs"] == 3
+    assert len(read_metrics(d / "metrics.jsonl")) == 1 and len(load_metrics(tmp_path)) == 1  # readable
+    assert trainer.run(cfg)["epochs"] == 3
     assert _rows(d) == whole_here
 
 
@@ -214,8 +220,8 @@ def test_a_run_folder_made_with_other_settings_refuses_to_resume_naming_them(tmp
     other = {**record, "gamma": 0.5, "groups": [{**record["groups"][0], "momentum": 0.5}, *record["groups"][1:]]}
     path.write_text(json.dumps(other))  # what another version, with other defaults, would have recorded
     before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != ".lock"}
-    with pytest.raises(train.ConfigMismatch, match=r"gamma: 0\.5 there, 0\.2 here; groups: .*Fix: run it with"):
-        train.run(cfg)
+    with pytest.raises(ConfigMismatch, match=r"gamma: 0\.5 there, 0\.2 here; groups: .*Fix: run it with"):
+        trainer.run(cfg)
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
@@ -226,7 +232,7 @@ def test_where_and_how_fast_a_run_went_do_not_stop_its_resume(tmp_path, monkeypa
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "out": "/elsewhere", "data_dir": "/data", "progress": True,
                                 "world_size": 1, "kernels": {"cpu_capability": "AVX512"}}))
-    assert train.run(cfg)["epochs"] == 3
+    assert trainer.run(cfg)["epochs"] == 3
     assert _rows(cfg.run_dir()) == whole_here
 
 
@@ -243,11 +249,11 @@ def test_a_nan_loss_names_its_epoch_and_step_and_keeps_the_last_checkpoint(tmp_p
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    monkeypatch.setattr(epoch, "F", types.SimpleNamespace(cross_entropy=poisoned))
     cfg = _cfg(tmp_path)
-    with pytest.raises(train.TrainingDiverged, match=r"became nan at step 3 of 10 in epoch 2; the checkpoint after "
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 3 of 10 in epoch 2; the checkpoint after "
                                                      r"epoch 1 and the metrics of the 1 epochs before are kept"):
-        train.run(cfg)
+        trainer.run(cfg)
     d = cfg.run_dir()
     assert json.loads((d / "failed.json").read_text())["step"] == 2  # 0-based, as "epoch"
     assert _epoch_of(d) == 0 and len(_rows(d)) == 1
@@ -260,7 +266,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_same_command_resumes_it(tm
     with Gated(args, epoch=1, log=tmp_path / "run.log", steps=3) as run:  # held before epoch 1's 4th step
         run.wait_for_gate()
         run.proc.send_signal(signal.SIGTERM)  # noted; the step under way finishes, then the run stops
-        assert run.release() == train.PREEMPTED_EXIT
+        assert run.release() == PREEMPTED_EXIT
     assert "stopped by SIGTERM at step 4 of 10 in epoch 2" in (tmp_path / "run.log").read_text()
     d = _run_dir(tmp_path)
     ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -274,8 +280,9 @@ def test_sigterm_checkpoints_the_step_reached_and_the_same_command_resumes_it(tm
 # the same step boundary, checkpoint and exit 143; the same torchrun command resumes to the same bits.
 _TERM_RANK0 = """
 import os, signal
-from psi import train
-real, calls = train.set_lr, [0]
+from psi.engine import epoch, stop
+from psi.train import main
+real, calls = epoch.set_lr, [0]  # looked up there by each step
 
 def set_lr(opt, factor):
     calls[0] += 1
@@ -283,13 +290,13 @@ def set_lr(opt, factor):
         os.kill(os.getpid(), signal.SIGTERM)
     real(opt, factor)
 
-train.set_lr = set_lr
-train.STOP_POLL = {poll}
-train.main({argv!r})
+epoch.set_lr = set_lr
+stop.STOP_POLL = {poll}
+main({argv!r})
 """
 
 
-@pytest.mark.parametrize("poll,stopped", [(2, (0, 4)), (train.STOP_POLL, (1, None))],
+@pytest.mark.parametrize("poll,stopped", [(2, (0, 4)), (STOP_POLL, (1, None))],
                          ids=["mid-epoch", "at-the-epoch-end"])
 def test_sigterm_to_one_process_stops_a_data_parallel_run_together_and_it_resumes(tmp_path, poll, stopped):
     """The processes agree every ``poll`` steps and at every epoch's end: polled every 2 steps, they
@@ -312,11 +319,11 @@ def test_sigterm_to_one_process_stops_a_data_parallel_run_together_and_it_resume
 
 def test_a_grid_worker_stopped_by_sigterm_exits_143(monkeypatch, capsys):
     """psi.grid's worker passes the stop on as the exit status a scheduler reads as 'terminated'."""
-    from psi import grid
+    from psi.grid import cli
 
     def stopped(*a, **kw):
-        raise train.Preempted("r: stopped by SIGTERM at step 4 of 10 in epoch 2; ...")
+        raise Preempted("r: stopped by SIGTERM at step 4 of 10 in epoch 2; ...")
 
-    monkeypatch.setattr(grid, "work", stopped)
-    assert grid.main(["worker", "--plan", "plan.json"]) == 143
+    monkeypatch.setattr(cli, "work", stopped)
+    assert cli.main(["worker", "--plan", "plan.json"]) == 143
     assert "stopped: r: stopped by SIGTERM" in capsys.readouterr().err

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from psi import data as D
-from psi import models, train
-from psi.opcount import OpCounter
+from psi.bench.opcount import OpCounter
+from psi.engine import cifar, distributed, epoch, files, models, rundir, trainer
+from psi.engine.config import COMPILED_STEP, Config
+from psi.engine.distributed import backend_for, run_device
+from psi.engine.rundir import RunLocked, load_checkpoint, lock_holder, run_lock
+from psi.engine.trainer import sweep
 from tests.procs import Gated, env
 from tests.runs import metric_rows
 
@@ -27,22 +30,22 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.fixture(scope="module")
 def ds():
-    return D.synthetic(n_train=500, n_test=100)
+    return cifar.synthetic(n_train=500, n_test=100)
 
 
-def _cfg(tmp_path, **kw) -> train.Config:
+def _cfg(tmp_path, **kw) -> Config:
     base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50, subset=200,
                 out=str(tmp_path), progress=False)
-    return train.Config(**{**base, **kw})
+    return Config(**{**base, **kw})
 
 
 class _Cut(Exception):
     """Stands for a crash right after a checkpoint was written."""
 
 
-def _run_cut(cfg: train.Config, ds, after_epochs: int, monkeypatch) -> None:
+def _run_cut(cfg: Config, ds, after_epochs: int, monkeypatch) -> None:
     """Run ``cfg`` and 'crash' once ``after_epochs`` checkpoints are on disk."""
-    real, written = train._atomic_write, []
+    real, written = files.atomic_write, []
 
     def write(path, fn):
         real(path, fn)
@@ -52,12 +55,12 @@ def _run_cut(cfg: train.Config, ds, after_epochs: int, monkeypatch) -> None:
                 raise _Cut
 
     with monkeypatch.context() as m:
-        m.setattr(train, "_atomic_write", write)
+        m.setattr(trainer, "atomic_write", write)
         with pytest.raises(_Cut):
-            train.run(cfg, ds)
+            trainer.run(cfg, ds)
 
 
-def _rows(cfg: train.Config) -> list[dict]:
+def _rows(cfg: Config) -> list[dict]:
     return metric_rows(cfg.run_dir())
 
 
@@ -69,9 +72,9 @@ def test_backend_follows_the_run_device_not_the_machine(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    train._init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     assert seen == [("gloo", {})]
-    assert train.backend_for(torch.device("cuda", 1)) == "nccl"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
 
 
 def test_a_cuda_process_pins_its_gpu_and_hands_it_to_nccl(monkeypatch):
@@ -82,35 +85,35 @@ def test_a_cuda_process_pins_its_gpu_and_hands_it_to_nccl(monkeypatch):
                         lambda backend, **kw: calls.append((backend, kw.get("device_id"))))
     monkeypatch.setenv("WORLD_SIZE", "2")
     gpu = torch.device("cuda", 1)
-    train._init_distributed(gpu)
+    distributed.init_distributed(gpu)
     assert calls == [("set_device", gpu), ("nccl", gpu)]
 
 
 def test_cuda_under_torchrun_takes_the_local_rank(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert train._run_device("cuda") == torch.device("cuda", 3)
+    assert run_device("cuda") == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="give --device cuda"):
-        train._run_device("cuda:1")
+        run_device("cuda:1")
 
 
 def test_compile_under_torchrun_is_refused_and_auto_turns_it_off(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train, "_init_distributed", lambda device: (0, 2))
+    monkeypatch.setattr(trainer, "init_distributed", lambda device: (0, 2))
     with pytest.raises(ValueError, match="--compile under torchrun is not supported"):
-        train.run(_cfg(tmp_path, compile=True))
+        trainer.run(_cfg(tmp_path, compile=True))
     assert not list(tmp_path.iterdir())  # refused before touching anything
-    assert train.Config(device="cuda").resolved(world=2).compile is False
-    assert train.Config(device="cuda").resolved(world=1).compile is True
+    assert Config(device="cuda").resolved(world=2).compile is False
+    assert Config(device="cuda").resolved(world=1).compile is True
 
 
 def test_auto_settings_resolve_per_device_kind_and_the_kind_is_in_the_key():
-    cpu, gpu = train.Config(device="cpu"), train.Config(device="cuda")
+    cpu, gpu = Config(device="cpu"), Config(device="cuda")
     assert (cpu.resolved().amp, cpu.resolved().channels_last, cpu.resolved().compile) == ("none", False, False)
     assert (gpu.resolved().amp, gpu.resolved().channels_last, gpu.resolved().compile) == ("bf16", True, True)
-    assert cpu.key() != train.Config(device="cuda", amp="none").key()  # same math, other device kind
-    assert gpu.key() == train.Config(device="cuda:3").key() == train.Config(device="cuda", amp="bf16").key()
-    assert gpu.key() != train.Config(device="cuda", amp="fp16").key()
+    assert cpu.key() != Config(device="cuda", amp="none").key()  # same math, other device kind
+    assert gpu.key() == Config(device="cuda:3").key() == Config(device="cuda", amp="bf16").key()
+    assert gpu.key() != Config(device="cuda", amp="fp16").key()
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -121,21 +124,21 @@ def test_resume_loads_to_the_cpu_and_puts_state_where_it_belongs(tmp_path, ds, m
     parameter per step). The engine must load to the CPU and let load_state_dict place things."""
     cfg = _cfg(tmp_path, optimizer="adam", epochs=2)
     _run_cut(cfg, ds, 1, monkeypatch)
-    ck = train._load_checkpoint(cfg.run_dir() / "checkpoint.pt")
+    ck = load_checkpoint(cfg.run_dir() / "checkpoint.pt")
     asked = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: asked.append(kw.get("map_location")) or real_load(*a, **kw))
-    train.run(cfg, ds)
+    trainer.run(cfg, ds)
     assert asked == ["cpu"]
-    # what _restore does with the CPU-loaded checkpoint
+    # what restore_checkpoint does with the CPU-loaded checkpoint
     tensors = [t for t in _leaves(ck) if isinstance(t, torch.Tensor)]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     model = models.build_model("smallcnn")
-    from psi.optimizers import build_optimizer
+    from psi.engine.optimizers import build_optimizer
 
     opt = build_optimizer("adam", model, torch.randn(16, 3, 32, 32))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert train._restore(ck, model, opt, scaler, torch.device("cpu"), Path("x")) == 1
+    assert rundir.restore_checkpoint(ck, model, opt, scaler, torch.device("cpu"), Path("x")) == 1
     adam = opt.optimizers[0]
     assert adam.state
     for p, st in adam.state.items():
@@ -157,22 +160,22 @@ def _leaves(x):
 
 def test_a_checkpoint_of_another_device_kind_is_refused(tmp_path, ds):
     cfg = _cfg(tmp_path, epochs=1)
-    train.run(cfg, ds)
-    ck = train._load_checkpoint(cfg.run_dir() / "checkpoint.pt")
+    trainer.run(cfg, ds)
+    ck = load_checkpoint(cfg.run_dir() / "checkpoint.pt")
     ck["device_kind"] = "cuda"
     model = models.build_model("smallcnn")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="written by a cuda run and this run is on cpu"):
-        train._restore(ck, model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), Path("x"))
+        rundir.restore_checkpoint(ck, model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), Path("x"))
 
 
 def test_fp16_resume_equals_the_uninterrupted_run_and_keeps_the_loss_scale(tmp_path, ds, monkeypatch):
     kw = dict(amp="fp16", optimizer="sgd", epochs=3)
     whole = _cfg(tmp_path / "whole", **kw)
-    train.run(whole, ds)
+    trainer.run(whole, ds)
     cut = _cfg(tmp_path / "cut", **kw)
     _run_cut(cut, ds, 1, monkeypatch)
-    train.run(cut, ds)
+    trainer.run(cut, ds)
     assert _rows(cut) == _rows(whole)
     # A scale a fresh GradScaler would not have: a resume that restarted it would not end here.
     again = _cfg(tmp_path / "again", **kw)
@@ -181,7 +184,7 @@ def test_fp16_resume_equals_the_uninterrupted_run_and_keeps_the_loss_scale(tmp_p
     ck = torch.load(path, weights_only=True)
     ck["scaler"].update(scale=2.0**3, _growth_tracker=1)
     torch.save(ck, path)
-    train.run(again, ds)
+    trainer.run(again, ds)
     final = torch.load(path, weights_only=True)["scaler"]
     steps = 2 * (200 // 50)  # epochs 2 and 3, no overflow at scale 8: the tracker counts every step
     assert final["scale"] == 2.0**3 and final["_growth_tracker"] == 1 + steps
@@ -190,9 +193,9 @@ def test_fp16_resume_equals_the_uninterrupted_run_and_keeps_the_loss_scale(tmp_p
 def test_deterministic_switch_runs_and_changes_nothing_on_the_cpu(tmp_path, ds):
     a = _cfg(tmp_path / "a", epochs=1)
     b = _cfg(tmp_path / "b", epochs=1, deterministic=True)
-    train.run(a, ds)
+    trainer.run(a, ds)
     try:
-        train.run(b, ds)
+        trainer.run(b, ds)
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -202,7 +205,7 @@ def test_deterministic_switch_runs_and_changes_nothing_on_the_cpu(tmp_path, ds):
 
 def test_bf16_autocast_and_channels_last_really_run(tmp_path, ds, monkeypatch):
     seen = []
-    real_build = train.build_model
+    real_build = trainer.build_model
 
     def build(name, num_classes):
         m = real_build(name, num_classes)
@@ -215,8 +218,8 @@ def test_bf16_autocast_and_channels_last_really_run(tmp_path, ds, monkeypatch):
         first.register_forward_hook(record)
         return m
 
-    monkeypatch.setattr(train, "build_model", build)
-    train.run(_cfg(tmp_path, epochs=1, amp="bf16", channels_last=True), ds)
+    monkeypatch.setattr(trainer, "build_model", build)
+    trainer.run(_cfg(tmp_path, epochs=1, amp="bf16", channels_last=True), ds)
     training = [s for s in seen if s[2]]
     assert training and all(s[:2] == (torch.bfloat16, True) for s in training)
 
@@ -232,10 +235,10 @@ def test_an_eager_resume_of_a_compiled_run_steps_with_a_float_lr(tmp_path, ds, m
         g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)  # as a compiled run saves it
     torch.save(ck, path)
     lrs = []
-    real = train._psi_layer_stats
-    monkeypatch.setattr(train, "_psi_layer_stats", lambda opt, name: lrs.extend(g["lr"] for g in opt.param_groups)
+    real = epoch._psi_layer_stats
+    monkeypatch.setattr(epoch, "_psi_layer_stats", lambda opt, name: lrs.extend(g["lr"] for g in opt.param_groups)
                         or real(opt, name))
-    train.run(cfg, ds)
+    trainer.run(cfg, ds)
     assert lrs and all(type(lr) is float for lr in lrs)
 
 
@@ -253,7 +256,7 @@ def _syncs(tmp_path, ds, subset: int, monkeypatch, **kw) -> OpCounter:
 
     with monkeypatch.context() as m, OpCounter() as c:
         m.setattr(adam, "_get_value", host_step)
-        train.run(_cfg(tmp_path / f"n{subset}", subset=subset, **kw), ds)
+        trainer.run(_cfg(tmp_path / f"n{subset}", subset=subset, **kw), ds)
     return c
 
 
@@ -282,16 +285,16 @@ def test_the_sync_detector_sees_a_per_step_sync(tmp_path, ds, monkeypatch):
 
 def test_a_held_run_folder_is_refused_and_left_alone(tmp_path, ds):
     cfg = _cfg(tmp_path, epochs=1)
-    with train._run_lock(cfg.run_dir()):
-        holder = train.lock_holder(cfg.run_dir())
+    with run_lock(cfg.run_dir()):
+        holder = lock_holder(cfg.run_dir())
         assert holder["pid"] == os.getpid()
-        with pytest.raises(train.RunLocked, match=f"another process .*{os.getpid()}"):
-            train.run(cfg, ds)
+        with pytest.raises(RunLocked, match=f"another process .*{os.getpid()}"):
+            trainer.run(cfg, ds)
         assert not (cfg.run_dir() / "config.json").exists()
-        res = train.sweep([cfg], dataset=ds)
+        res = sweep([cfg], dataset=ds)
         assert "locked" in res[0]
-    assert train.lock_holder(cfg.run_dir()) is None
-    train.run(cfg, ds)  # free again
+    assert lock_holder(cfg.run_dir()) is None
+    trainer.run(cfg, ds)  # free again
 
 
 def test_a_forked_child_does_not_keep_the_run_folder_locked(tmp_path):
@@ -302,8 +305,8 @@ def test_a_forked_child_does_not_keep_the_run_folder_locked(tmp_path):
 import os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from psi import train
-with train._run_lock(Path({str(tmp_path / "run")!r})):
+from psi.engine.rundir import run_lock
+with run_lock(Path({str(tmp_path / "run")!r})):
     if os.fork() == 0:  # the "worker": alive until the test closes our stdin
         sys.stdin.read()
         os._exit(0)
@@ -315,7 +318,7 @@ with train._run_lock(Path({str(tmp_path / "run")!r})):
         assert run.stdout.readline().strip() == "locked"
         run.kill()
         run.wait()
-        assert train.lock_holder(tmp_path / "run") is None
+        assert lock_holder(tmp_path / "run") is None
     finally:
         run.stdin.close()  # the worker exits
         run.stdout.close()
@@ -331,7 +334,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_metrics_stay_intact(tmp_p
         first.wait_for_gate()
         (d,) = list((tmp_path / "out").iterdir())
         before = {p.name: p.read_bytes() for p in d.iterdir() if p.name != ".lock"}
-        assert train.lock_holder(d)["pid"] == first.pid and len(before["metrics.jsonl"].splitlines()) == 1
+        assert lock_holder(d)["pid"] == first.pid and len(before["metrics.jsonl"].splitlines()) == 1
         second = subprocess.run([sys.executable, "-m", "psi.train", *args], cwd=ROOT, capture_output=True, text=True,
                                 timeout=300, env=env())
         assert second.returncode == 3, second.stderr[-2000:]
@@ -348,11 +351,11 @@ def test_the_cifar_resnet_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-@pytest.mark.parametrize("name", train.COMPILED_STEP)
+@pytest.mark.parametrize("name", COMPILED_STEP)
 def test_the_compiled_optimizer_steps_trace_in_one_graph(name):
     """The steps the engine compiles, with the tensor learning rate it gives them: one graph, no break
     (PSISGD once broke its graph on an operator.itemgetter)."""
-    from psi.optimizers import build_optimizer
+    from psi.engine.optimizers import build_optimizer
 
     m = models.SmallCNN(width=8)
     opt = build_optimizer(name, m, torch.randn(8, 3, 32, 32))
@@ -373,16 +376,16 @@ def test_compiled_engine_does_not_recompile_across_epochs_or_lr_changes(tmp_path
     torch._dynamo.reset()
     counters.clear()
     graphs, lrs = [], []
-    real = train._psi_layer_stats
+    real = epoch._psi_layer_stats
 
     def spy(opt, name):  # called once per epoch, after training
         graphs.append(counters["stats"]["unique_graphs"])
         lrs.append([g["lr"] for g in opt.param_groups])
         return real(opt, name)
 
-    monkeypatch.setattr(train, "_psi_layer_stats", spy)
+    monkeypatch.setattr(epoch, "_psi_layer_stats", spy)
     cfg = _cfg(tmp_path, epochs=3, compile=True, schedule="cosine")
-    train.run(cfg, ds)
+    trainer.run(cfg, ds)
     assert graphs[0] > 0  # it did compile
     assert graphs[1] == graphs[2] == graphs[0]
     assert all(isinstance(lr, torch.Tensor) for lr in lrs[0])  # the step sees a tensor learning rate
@@ -399,9 +402,9 @@ def test_cuda_resume_equals_the_uninterrupted_run(tmp_path, ds, monkeypatch):
     whole = _cfg(tmp_path / "whole", **kw)
     cut = _cfg(tmp_path / "cut", **kw)
     try:
-        train.run(whole, ds)
+        trainer.run(whole, ds)
         _run_cut(cut, ds, 1, monkeypatch)
-        train.run(cut, ds)
+        trainer.run(cut, ds)
     finally:
         torch.use_deterministic_algorithms(False)
     assert _rows(cut) == _rows(whole)
@@ -411,7 +414,7 @@ def test_cuda_resume_equals_the_uninterrupted_run(tmp_path, ds, monkeypatch):
 @pytest.mark.parametrize("optimizer", ["sgd", "psi-sgdm", "adam"])
 def test_cuda_training_epoch_never_syncs(tmp_path, ds, optimizer, monkeypatch):
     """torch.cuda's sync debug mode raises on any synchronising call inside a non-warm-up epoch."""
-    real = train._train_epoch
+    real = epoch.train_epoch
     calls = []
 
     def strict(*a, **kw):
@@ -424,6 +427,6 @@ def test_cuda_training_epoch_never_syncs(tmp_path, ds, optimizer, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(train, "_train_epoch", strict)
-    train.run(_cfg(tmp_path, device="cuda", epochs=2, optimizer=optimizer, model="resnet20"), ds)
+    monkeypatch.setattr(trainer, "train_epoch", strict)
+    trainer.run(_cfg(tmp_path, device="cuda", epochs=2, optimizer=optimizer, model="resnet20"), ds)
     assert len(calls) == 2

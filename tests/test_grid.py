@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from psi import grid
-from psi.notebook import study_settings
+from psi.grid.cli import main
+from psi.grid.progress import run_states
+from psi.study.plan import base_config, cost_order, distinct, plan, read_selected, study_configs
+from psi.study.profiles import study_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PSI_PROGRESS="0")
@@ -30,7 +32,7 @@ def _grid(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _smoke(out: Path):
     """The smoke profile's settings and base config with runs in ``out/runs``, as psi.grid builds them."""
     settings = study_settings("smoke")
-    return settings, grid.base_config(settings, out / "runs", "cpu")
+    return settings, base_config(settings, out / "runs", "cpu")
 
 
 def _summaries(out: Path) -> dict[str, int]:
@@ -58,16 +60,16 @@ def grid_run(tmp_path_factory):
 def test_run_trains_the_smoke_grid_with_two_workers_and_a_second_call_nothing(grid_run, capsys):
     out, stdout = grid_run
     settings, base = _smoke(out)
-    p = grid.plan(settings, base)
+    p = plan(settings, base)
     every = p["select"] + p["study"]
     assert p["pending"] == 0 and len(p["study"]) > len(settings["optimizers"]) * len(settings["seeds"])  # tuned too
-    assert len(grid.run_states(every)["done"]) == len(every) and "0 waiting" in stdout.splitlines()[-1]
+    assert len(run_states(every)["done"]) == len(every) and "0 waiting" in stdout.splitlines()[-1]
     trained = [set(re.findall(r" (\S+): done", (out / "logs" / f"study.worker-{k}-of-2.log").read_text()))
                for k in (1, 2)]
     assert all(trained) and not trained[0] & trained[1]  # both worked, never on the same run
     assert trained[0] | trained[1] == {c.run_dir().name for c in p["study"]}
     before = _summaries(out)
-    assert grid.main(["run", "--profile", "smoke", "--device", "cpu", "--workers", "2", "--out", str(out)]) == 0
+    assert main(["run", "--profile", "smoke", "--device", "cpu", "--workers", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "nothing to train" in text and "select:" not in text and _summaries(out) == before
 
@@ -75,7 +77,7 @@ def test_run_trains_the_smoke_grid_with_two_workers_and_a_second_call_nothing(gr
 def test_two_run_all_shards_at_once_into_one_folder(grid_run, tmp_path):
     src, _ = grid_run
     settings, base = _smoke(tmp_path)
-    runs = grid.distinct(grid.study_configs(settings, base, grid.read_selected(settings, _smoke(src)[1])))
+    runs = distinct(study_configs(settings, base, read_selected(settings, _smoke(src)[1])))
     slices = [[c.run_dir().name for i, c in enumerate(runs) if i % 2 == k] for k in (0, 1)]
     fresh = set(slices[0][:2] + slices[1][:2])  # each shard trains two runs, reads back the rest
     _copy_runs(src, tmp_path, lambda name, cfg: name not in fresh)
@@ -107,7 +109,7 @@ def test_two_run_all_shards_at_once_into_one_folder(grid_run, tmp_path):
 def test_slurm_array_on_the_local_executor_and_resubmission(grid_run, tmp_path):
     src, _ = grid_run
     settings, base = _smoke(tmp_path)
-    study = grid.cost_order(grid.plan(settings, _smoke(src)[1])["study"])  # the order slurm's array tasks split
+    study = cost_order(plan(settings, _smoke(src)[1])["study"])  # the order slurm's array tasks split
     fresh = {c.run_dir().name for c in study[:4]}  # 2 runs of each of the 2 array tasks are missing
     _copy_runs(src, tmp_path, lambda name, cfg: name not in fresh)
     before = _summaries(tmp_path)
@@ -118,7 +120,7 @@ def test_slurm_array_on_the_local_executor_and_resubmission(grid_run, tmp_path):
     assert "submitted 2 array tasks (local) for shards [1, 2] of 2" in r.stdout and "job " in r.stdout
     logs = re.findall(r"job \d+, log (\S+)", r.stdout)
     assert len(logs) == 2 and all(Path(log).is_file() and Path(log).parent == tmp_path / "logs" / "slurm" for log in logs)
-    p = grid.plan(settings, base)
+    p = plan(settings, base)
     assert all((c.run_dir() / "summary.json").is_file() for c in p["select"] + p["study"])
     now = _summaries(tmp_path)
     assert set(now) - set(before) == fresh and all(now[k] == v for k, v in before.items())  # finished: skipped
@@ -128,11 +130,11 @@ def test_slurm_array_on_the_local_executor_and_resubmission(grid_run, tmp_path):
 
 
 def test_dry_run_lists_every_run_once_with_an_estimate_and_trains_nothing(grid_run, tmp_path, capsys):
-    assert grid.main(["run", "--profile", "smoke", "--device", "cpu", "--workers", "2", "--out", str(tmp_path),
+    assert main(["run", "--profile", "smoke", "--device", "cpu", "--workers", "2", "--out", str(tmp_path),
                       "--dry-run", "--measure-steps", "5"]) == 0
     stdout = capsys.readouterr().out
     settings, base = _smoke(tmp_path)
-    p = grid.plan(settings, base)  # nothing selected yet: the selection's runs and the F.2 runs, tuned ones pending
+    p = plan(settings, base)  # nothing selected yet: the selection's runs and the F.2 runs, tuned ones pending
     assert p["pending"] == len(settings["optimizers"]) * len(settings["seeds"])
     for c in p["select"] + p["study"]:
         assert stdout.count(c.run_dir().name) == 1 and str(c.run_dir()) in stdout
@@ -143,10 +145,10 @@ def test_dry_run_lists_every_run_once_with_an_estimate_and_trains_nothing(grid_r
 
     out, _ = grid_run  # finished runs: their epochs are the measurement; slurm's listing gives array tasks
     before = sorted((out / "runs").iterdir()), _summaries(out)
-    assert grid.main(["slurm", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--array", "3",
+    assert main(["slurm", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--array", "3",
                       "--dry-run"]) == 0
     stdout = capsys.readouterr().out
-    p = grid.plan(settings, _smoke(out)[1])
+    p = plan(settings, _smoke(out)[1])
     assert all(stdout.count(c.run_dir().name) == 1 for c in p["select"] + p["study"])
     assert "array task 3/3" in stdout and "measured: median of" in stdout and " done" in stdout
     assert (sorted((out / "runs").iterdir()), _summaries(out)) == before
@@ -154,7 +156,7 @@ def test_dry_run_lists_every_run_once_with_an_estimate_and_trains_nothing(grid_r
 
 def test_status_counts_a_fabricated_folder(tmp_path, capsys):
     settings, base = _smoke(tmp_path)
-    p = grid.plan(settings, base)
+    p = plan(settings, base)
     runs = [c.run_dir() for c in p["select"] + p["study"]]
     for d in runs[:6]:
         d.mkdir(parents=True)
@@ -166,10 +168,10 @@ def test_status_counts_a_fabricated_folder(tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write(json.dumps({"pid": os.getpid(), "host": "here", "since": "now"}))
         held.flush()
-        assert grid.main(["status", "--out", str(tmp_path), "--profile", "smoke", "--device", "cpu"]) == 0
+        assert main(["status", "--out", str(tmp_path), "--profile", "smoke", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert f"{len(runs)} runs: 3 done, 1 running, 1 failed, 1 partial, {len(runs) - 6} waiting" in text
     assert "failed (a selection rate: not chosen): " in text and "loss became nan" in text  # runs[3]: a selection run
     assert f"pid {os.getpid()} on here" in text
     assert f"+ {p['pending']} tuned runs" in text and "ETA" in text
-    assert grid.main(["status", "--out", str(tmp_path / "none")]) == 2  # no grid.json and no --profile
+    assert main(["status", "--out", str(tmp_path / "none")]) == 2  # no grid.json and no --profile

@@ -1,4 +1,4 @@
-"""psi.images and the engine on image folders: layouts, errors, transforms, the loader, the CLI, resume
+"""psi.engine.images and the engine on image folders: layouts, errors, transforms, the loader, the CLI, resume
 after kill -9, torchrun, the ImageNet preset. Every image is made here (a few dozen small JPEGs)."""
 
 import contextlib
@@ -18,9 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-from psi import data as D
-from psi import images as I
-from psi import train
+from psi.engine import distributed, imageloader, trainer
+from psi.engine.config import Config, lr_factor, optimizer_for
+from psi.engine.dataset import DataError
+from psi.engine.distributed import (
+    _sees_token,
+    default_workers,
+)
+from psi.engine.epoch import evaluate
+from psi.engine.imageloader import ImageLoader, _decode_pil, eval_box, resolve_decoder, train_box
+from psi.engine.loaders import load_dataset
+from psi.train import _parser, configs_from_args, parse_args
 from tests.procs import env, kill_at_epoch, rendezvous_store, torchrun, torchrun_script
 from tests.runs import metric_rows, only_run
 
@@ -70,7 +78,7 @@ def jpeg_tree(tmp_path_factory) -> Path:
 # -- layouts and their errors --------------------------------------------------------------------
 
 def test_image_folder_lists_every_file_with_its_class(tree):
-    ds = D.load_dataset("imagefolder", tree)
+    ds = load_dataset("imagefolder", tree)
     assert ds.classes == tuple(CLASSES) and ds.num_classes == 3
     assert len(ds.train_files) == 24 and len(ds.test_files) == 6
     for f, y in zip(ds.train_files, ds.train_y.tolist(), strict=True):
@@ -80,15 +88,15 @@ def test_image_folder_lists_every_file_with_its_class(tree):
 
 def test_a_folder_one_level_down_is_found(tree, tmp_path):
     (tmp_path / "mine").symlink_to(tree)
-    assert len(D.load_dataset("imagefolder", tmp_path).train_files) == 24
+    assert len(load_dataset("imagefolder", tmp_path).train_files) == 24
 
 
 def test_missing_folder_and_missing_splits_are_named(tmp_path):
-    with pytest.raises(D.DataError, match="does not exist.*--data-dir"):
-        D.load_dataset("imagefolder", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="does not exist.*--data-dir"):
+        load_dataset("imagefolder", tmp_path / "nowhere")
     (tmp_path / "x").mkdir()
-    with pytest.raises(D.DataError, match="no train/ split"):
-        D.load_dataset("imagefolder", tmp_path / "x")
+    with pytest.raises(DataError, match="no train/ split"):
+        load_dataset("imagefolder", tmp_path / "x")
     make_tree(tmp_path / "y")
     for f in (tmp_path / "y" / "val").rglob("*"):
         if f.is_file():
@@ -96,39 +104,39 @@ def test_missing_folder_and_missing_splits_are_named(tmp_path):
     for d in sorted((tmp_path / "y" / "val").glob("*"), reverse=True):
         d.rmdir()
     (tmp_path / "y" / "val").rmdir()
-    with pytest.raises(D.DataError, match="no val/ \\(nor test/\\) split"):
-        D.load_dataset("imagefolder", tmp_path / "y")
+    with pytest.raises(DataError, match="no val/ \\(nor test/\\) split"):
+        load_dataset("imagefolder", tmp_path / "y")
 
 
 def test_an_empty_class_and_a_class_unknown_to_train_are_named(tmp_path):
     root = make_tree(tmp_path / "a")
     (root / "train" / "n09999999").mkdir()
-    with pytest.raises(D.DataError, match="no .* image in .*train: n09999999"):
-        D.load_dataset("imagefolder", root)
+    with pytest.raises(DataError, match="no .* image in .*train: n09999999"):
+        load_dataset("imagefolder", root)
     root = make_tree(tmp_path / "b")
     (root / "val" / "stray").mkdir()
     _image(np.random.default_rng(0), 0, 8, 8).save(root / "val" / "stray" / "0.jpg")
-    with pytest.raises(D.DataError, match="class folders that train/ lacks: stray"):
-        D.load_dataset("imagefolder", root)
+    with pytest.raises(DataError, match="class folders that train/ lacks: stray"):
+        load_dataset("imagefolder", root)
 
 
 def test_imagenet_needs_wordnet_ids(tmp_path):
     root = make_tree(tmp_path / "a")
     (root / "train" / CLASSES[0]).rename(root / "train" / "cat")
-    with pytest.raises(D.DataError):  # no folder like n######## : not an ImageNet train split
-        D.load_dataset("imagenet", root)
+    with pytest.raises(DataError):  # no folder like n######## : not an ImageNet train split
+        load_dataset("imagenet", root)
 
 
 def test_imagenet_flat_validation_with_kaggle_labels(tmp_path):
     root = make_tree(tmp_path, flat_val=True)
-    with pytest.raises(D.DataError, match="no label file was found"):
-        D.load_dataset("imagenet", root)
+    with pytest.raises(DataError, match="no label file was found"):
+        load_dataset("imagenet", root)
     stems = sorted(p.stem for p in (root / "val").iterdir())
     with open(root / "LOC_val_solution.csv", "w") as f:
         f.write("ImageId,PredictionString\n")
         for k, s in enumerate(stems):
             f.write(f"{s},{CLASSES[k // 2]} 1 2 3 4\n")
-    ds = D.load_dataset("imagenet", root)
+    ds = load_dataset("imagenet", root)
     assert [Path(p).stem for p in ds.test_files] == stems and ds.test_y.tolist() == [0, 0, 1, 1, 2, 2]
 
 
@@ -150,7 +158,7 @@ def test_imagenet_flat_validation_with_the_official_devkit(tmp_path):
             info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/data/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    assert D.load_dataset("imagenet", root).test_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert load_dataset("imagenet", root).test_y.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 # -- transforms ----------------------------------------------------------------------------------
@@ -159,14 +167,14 @@ def test_random_resized_crop_boxes_follow_torchvisions_rule():
     rng = np.random.default_rng(0)
     areas, ratios = [], []
     for _ in range(2000):
-        (left, top, right, bottom), _ = I.train_box(500, 375, rng)
+        (left, top, right, bottom), _ = train_box(500, 375, rng)
         assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
         areas.append((right - left) * (bottom - top) / (500 * 375))
         ratios.append((right - left) / (bottom - top))
     assert 0.075 <= min(areas) and max(areas) <= 1.0 and 0.3 < np.median(areas) < 0.7
     assert 0.7 < min(ratios) and max(ratios) < 1.4
-    assert I.train_box(10, 1000, rng)[0] == (0, 493, 10, 506)  # no try fits: the centre crop, height round(10/(3/4))
-    assert I.eval_box(500, 375, 224) == (85.9375, 23.4375, 414.0625, 351.5625)  # 256 then 224: a side of 375 * 0.875
+    assert train_box(10, 1000, rng)[0] == (0, 493, 10, 506)  # no try fits: the centre crop, height round(10/(3/4))
+    assert eval_box(500, 375, 224) == (85.9375, 23.4375, 414.0625, 351.5625)  # 256 then 224: a side of 375 * 0.875
 
 
 def test_draft_decoding_matches_a_full_decode(tmp_path):
@@ -177,7 +185,7 @@ def test_draft_decoding_matches_a_full_decode(tmp_path):
     img = _image(rng, 1, 640, 480).resize((640, 480))
     img.save(path, quality=95)
     box, size = (100, 80, 420, 400), 40
-    drafted = I._decode_pil(str(path), lambda w, h: (box, False), size).astype(float)
+    drafted = _decode_pil(str(path), lambda w, h: (box, False), size).astype(float)
     with Image.open(path) as full:
         reference = np.asarray(full.convert("RGB").resize((size, size), Image.BILINEAR, box=box)).astype(float)
     assert np.abs(drafted - reference).mean() < 4  # out of 255
@@ -190,11 +198,11 @@ def test_draft_decoding_matches_a_full_decode(tmp_path):
 
 def _loader(ds, **kw):
     args = dict(train=True, seed=3, image_size=24, workers=0)
-    return I.ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 6, **{**args, **kw})
+    return ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 6, **{**args, **kw})
 
 
 def test_batches_depend_on_seed_and_epoch_only(tree):
-    ds = D.load_dataset("imagefolder", tree)
+    ds = load_dataset("imagefolder", tree)
     serial = list(_loader(ds).epoch(1))
     parallel = list(_loader(ds, workers=2).epoch(1))
     assert len(serial) == 4 and serial[0][0].shape == (6, 3, 24, 24) and serial[0][0].dtype == torch.float32
@@ -207,7 +215,7 @@ def test_batches_depend_on_seed_and_epoch_only(tree):
 
 def test_an_epoch_started_at_a_batch_gives_the_rest_of_that_epoch(tree):
     """A run resumed inside an epoch (SIGTERM) starts its loader at the next batch: the same batches."""
-    ds = D.load_dataset("imagefolder", tree)
+    ds = load_dataset("imagefolder", tree)
     whole, rest = list(_loader(ds).epoch(1)), list(_loader(ds).epoch(1, start=2))
     assert len(rest) == len(whole) - 2
     for (a, ya), (b, yb) in zip(whole[2:], rest, strict=True):
@@ -215,13 +223,13 @@ def test_an_epoch_started_at_a_batch_gives_the_rest_of_that_epoch(tree):
 
 
 def test_the_processes_slices_make_one_processs_batch(tree):
-    ds = D.load_dataset("imagefolder", tree)
+    ds = load_dataset("imagefolder", tree)
     whole = list(_loader(ds).epoch(0))
     halves = [list(_loader(ds, rank=r, world=2).epoch(0)) for r in (0, 1)]
     for b, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([halves[0][b][0], halves[1][b][0]]), x)
         assert torch.equal(torch.cat([halves[0][b][1], halves[1][b][1]]), y)
-    ev = [I.ImageLoader(ds.test_files, ds.test_y, ds.mean, ds.std, 4, train=False, image_size=24, rank=r, world=2)
+    ev = [ImageLoader(ds.test_files, ds.test_y, ds.mean, ds.std, 4, train=False, image_size=24, rank=r, world=2)
           for r in (0, 1)]
     seen = sorted(i for e in ev for s in e._slices(0) for i in s.tolist())
     assert seen == list(range(6))  # the evaluation's last, short batch is split too, nothing twice
@@ -234,7 +242,7 @@ def _pil_stand_in(data, device):
 
 
 def test_the_gpu_decoding_path_gives_the_same_images(jpeg_tree):
-    ds = D.load_dataset("imagefolder", jpeg_tree)
+    ds = load_dataset("imagefolder", jpeg_tree)
     pil = list(_loader(ds).epoch(0))
     gpu_path = _loader(ds, decoder="nvjpeg", decode=_pil_stand_in)
     assert gpu_path.decoder == "nvjpeg"
@@ -247,16 +255,16 @@ def test_the_gpu_decoding_path_gives_the_same_images(jpeg_tree):
 
 def test_the_decoder_is_chosen_and_refused_with_reasons(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert I.resolve_decoder("auto", cpu) == "pil"
+    assert resolve_decoder("auto", cpu) == "pil"
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        I.resolve_decoder("nvjpeg", cpu)
-    monkeypatch.setattr(I, "_torchvision_decoder", lambda: None)
-    assert I.resolve_decoder("auto", cuda) == "pil"
+        resolve_decoder("nvjpeg", cpu)
+    monkeypatch.setattr(imageloader, "_torchvision_decoder", lambda: None)
+    assert resolve_decoder("auto", cuda) == "pil"
     with pytest.raises(ValueError, match="torchvision"):
-        I.resolve_decoder("nvjpeg", cuda)
-    monkeypatch.setattr(I, "_torchvision_decoder", lambda: _pil_stand_in)
-    assert I.resolve_decoder("auto", cuda) == "nvjpeg"
-    assert train.Config(dataset="imagefolder", device="cuda").resolved().decoder == "nvjpeg"  # PNGs or not
+        resolve_decoder("nvjpeg", cuda)
+    monkeypatch.setattr(imageloader, "_torchvision_decoder", lambda: _pil_stand_in)
+    assert resolve_decoder("auto", cuda) == "nvjpeg"
+    assert Config(dataset="imagefolder", device="cuda").resolved().decoder == "nvjpeg"  # PNGs or not
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -303,46 +311,46 @@ def test_two_torchrun_processes_equal_one_on_a_folder(tree, tmp_path):
     ddp, one = _rows(tmp_path / "ddp"), _rows(tmp_path / "one")
     assert [x["train_loss"] for x in ddp] == pytest.approx([x["train_loss"] for x in one], rel=1e-5)
     # the evaluation, split over the two processes and summed, is rank 0's model on every validation image
-    from psi.models import resnet18
+    from psi.engine.models import resnet18
 
     model = resnet18(num_classes=3)
     model.load_state_dict(torch.load(next((tmp_path / "ddp").glob("*/checkpoint.pt")), weights_only=True)["model"])
-    ds = D.load_dataset("imagefolder", tree)
-    whole = I.ImageLoader(ds.test_files, ds.test_y, ds.mean, ds.std, 8, train=False, image_size=32)
-    loss, acc = train.evaluate(model, whole, lambda: contextlib.nullcontext())
+    ds = load_dataset("imagefolder", tree)
+    whole = ImageLoader(ds.test_files, ds.test_y, ds.mean, ds.std, 8, train=False, image_size=32)
+    loss, acc = evaluate(model, whole, lambda: contextlib.nullcontext())
     assert (ddp[-1]["test_loss"], ddp[-1]["test_acc"]) == pytest.approx((loss, acc), rel=1e-6)
 
 
 def test_the_imagenet_preset_and_the_learning_rate_rule():
-    ap = train._parser()
-    a = train.parse_args(ap, ["--preset", "imagenet", "--data-dir", "x"])
-    (cfg,) = train.configs_from_args(a)
+    ap = _parser()
+    a = parse_args(ap, ["--preset", "imagenet", "--data-dir", "x"])
+    (cfg,) = configs_from_args(a)
     assert (cfg.dataset, cfg.model, cfg.epochs, cfg.milestones, cfg.gamma) == ("imagenet", "resnet18", 100,
                                                                                (0.3, 0.6, 0.9), 0.2)
     assert (cfg.batch_size, cfg.image_size, cfg.lr_scaling) == (128, 224, "linear")
-    assert [e for e in range(100) if train.lr_factor(cfg, e) != train.lr_factor(cfg, e - 1)] == [30, 60, 90]
-    (wide,) = train.configs_from_args(train.parse_args(train._parser(), ["--preset", "imagenet", "--batch-size",
+    assert [e for e in range(100) if lr_factor(cfg, e) != lr_factor(cfg, e - 1)] == [30, 60, 90]
+    (wide,) = configs_from_args(parse_args(_parser(), ["--preset", "imagenet", "--batch-size",
                                                                           "1024", "--model", "resnet50"]))
     assert (wide.batch_size, wide.model, wide.epochs) == (1024, "resnet50", 100)  # the command line wins
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(2))
     x = torch.randn(4, 3, 6, 6)
     model(x)
-    lrs = [g["lr"] for g in train.optimizer_for(wide, model, x).param_groups]
+    lrs = [g["lr"] for g in optimizer_for(wide, model, x).param_groups]
     assert lrs == pytest.approx([0.1 * 8, 0.1 * 8])  # PSI-SGDM's 0.1 and the rest's 0.1, times 1024/128
-    base = [g["lr"] for g in train.optimizer_for(train.Config(), model, x).param_groups]
+    base = [g["lr"] for g in optimizer_for(Config(), model, x).param_groups]
     assert base == pytest.approx([0.1, 0.1])
 
 
 def test_image_options_are_refused_on_cifar_and_cifar_keys_do_not_move():
     with pytest.raises(ValueError, match="image_size is for the image datasets"):
-        train.Config(dataset="cifar10", image_size=64).validate()
+        Config(dataset="cifar10", image_size=64).validate()
     # the run folders of CIFAR runs made before image_size/decoder/lr_scaling existed keep their names
     # (the keys below are what the engine of commit f3beb1d computed)
-    assert train.Config().key() == "3016ac06"
-    assert train.Config(dataset="cifar100", model="resnet56", optimizer="sgd", seed=3, setting="table2",
+    assert Config().key() == "3016ac06"
+    assert Config(dataset="cifar100", model="resnet56", optimizer="sgd", seed=3, setting="table2",
                         device="cuda").key() == "f421a8c1"
-    assert train.Config(lr_scaling="linear").key() != "3016ac06"  # ... and a new setting does move them
+    assert Config(lr_scaling="linear").key() != "3016ac06"  # ... and a new setting does move them
 
 
 def test_a_run_folder_that_is_not_shared_is_refused(tmp_path):
@@ -350,13 +358,13 @@ def test_a_run_folder_that_is_not_shared_is_refused(tmp_path):
     node without the shared file system would) and the run stops on every rank with the fix named."""
     script = f"""
 from pathlib import Path
-from psi import train
-train.SHARED_FOLDER_PATIENCE = 0.5  # rank 1 never sees the token: no need to look for a minute
+from psi.engine import distributed
+distributed.SHARED_FOLDER_PATIENCE = 0.5  # rank 1 never sees the token: no need to look for a minute
 rank = dist.get_rank()
 out = Path({str(tmp_path)!r}) / f"node{{rank}}"
 out.mkdir(parents=True, exist_ok=True)
 try:
-    train._check_shared_folder(out, rank, 2)
+    distributed.check_shared_folder(out, rank, 2)
 except RuntimeError as e:
     print("refused:", e)
 """
@@ -368,9 +376,9 @@ except RuntimeError as e:
 def test_training_images_per_second_is_reported(tree, tmp_path):
     """In process (workers=0), batch 10 of 24 images: 2 full batches, the last 4 images dropped, and the
     rate counts the 20 images trained on; the evaluation sees all 6 validation images."""
-    cfg = train.Config(dataset="imagefolder", data_dir=str(tree), model="resnet18", optimizer="sgd", epochs=1,
+    cfg = Config(dataset="imagefolder", data_dir=str(tree), model="resnet18", optimizer="sgd", epochs=1,
                        batch_size=10, image_size=32, workers=0, out=str(tmp_path), progress=False)
-    s = train.run(cfg)
+    s = trainer.run(cfg)
     (row,) = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     assert row["images_per_second"] == pytest.approx(20 / row["epoch_seconds"]) and math.isfinite(s["final_train_loss"])
     assert round(row["test_acc"] * 6) == pytest.approx(row["test_acc"] * 6)  # a whole number of the 6 images
@@ -379,7 +387,7 @@ def test_training_images_per_second_is_reported(tree, tmp_path):
 def test_the_grid_trains_imagenet_runs_data_parallel_and_table1_takes_them(tree, tmp_path):
     """``psi.grid run --procs-per-run 2``: each run of the grid under torchrun (2 gloo processes here,
     2 GPUs each on a GPU machine); the runs land in Table 1's ImageNet rows, which leave "not run"."""
-    from psi import study
+    from psi.study import results
 
     sets = ["dataset='imagenet'", "models=['resnet18']", "optimizers=['sgd', 'psi-sgd']", "seeds=[0]", "lr_grids={}",
             "batch_size=8", "subset=0", "epochs=1", "image_size=32"]
@@ -392,16 +400,16 @@ def test_the_grid_trains_imagenet_runs_data_parallel_and_table1_takes_them(tree,
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/summary.json")]
     assert len(summaries) == 2 and {s["world_size"] for s in summaries} == {2}
-    runs = study.load_runs(tmp_path / "runs")
-    table = study.compare(runs[runs.split == "test"])
+    runs = results.load_runs(tmp_path / "runs")
+    table = results.compare(runs[runs.split == "test"])
     assert sorted(table.paper_mean) == [67.72, 70.38]  # Table 1, ImageNet ResNet-18: SGD and PSI-SGD
-    missing = study.not_run(runs)
+    missing = results.not_run(runs)
     done = missing[(missing.dataset == "imagenet") & (missing.model == "resnet18")]
     assert sorted(done.optimizer) == ["adam", "psi-sgdm", "sgdg"]  # the two that ran are no longer "not run"
 
 
 def test_worker_slots_deal_gpus_per_run():
-    from psi.grid import worker_command, worker_slots
+    from psi.grid.workers import worker_command, worker_slots
 
     assert worker_slots("0,1,2,3", 1, 1, 2) == ["0,1", "2,3"]
     assert worker_slots("0,1", 2, 1) == ["0", "1", "0", "1"]
@@ -417,7 +425,7 @@ def test_the_gpu_path_takes_pngs_and_cmyk_jpegs_through_pil_in_the_workers(tree,
     """A folder of JPEGs, PNGs and a CMYK JPEG under nvjpeg: the GPU decoder sees only RGB/grey JPEGs
     (nvjpeg rejects or miscolours the others), and the batches are the PIL path's, in order."""
     shutil.copytree(tree, tmp_path / "tree")  # the module's tree stays as it is
-    ds = D.load_dataset("imagefolder", tmp_path / "tree")
+    ds = load_dataset("imagefolder", tmp_path / "tree")
     cmyk = Path(ds.train_files[2])
     Image.open(cmyk).convert("CMYK").save(cmyk, format="JPEG")
     seen = []
@@ -451,10 +459,11 @@ def test_a_large_batch_of_files_keeps_file_descriptors_few(tmp_path):
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-from psi import data as D, images as I
+from psi.engine.imageloader import ImageLoader
+from psi.engine.loaders import load_dataset
 from test_images import _pil_stand_in
-ds = D.load_dataset("imagefolder", {str(tmp_path)!r})
-loader = I.ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 300, train=True, image_size=8, workers=1,
+ds = load_dataset("imagefolder", {str(tmp_path)!r})
+loader = ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 300, train=True, image_size=8, workers=1,
                        decoder="nvjpeg", decode=_pil_stand_in)
 print(sum(len(x) for x, _ in loader.epoch(0)))
 """
@@ -465,7 +474,7 @@ print(sum(len(x) for x, _ in loader.epoch(0)))
 def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(jpeg_tree):
     """nvjpeg refuses some JPEGs (CMYK ones, in ILSVRC-2012): the batch falls back image by image, and an
     image that fails alone is decoded by PIL; the batches are the PIL path's."""
-    ds = D.load_dataset("imagefolder", jpeg_tree)
+    ds = load_dataset("imagefolder", jpeg_tree)
     refused = {Path(ds.train_files[i]).read_bytes() for i in range(0, 24, 5)}
     calls = []
 
@@ -487,12 +496,12 @@ def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(jpeg_tree):
 def test_default_workers_share_the_cpus(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("PSI_WORKER_CPUS", "8")
-    assert train.default_workers(1) == 7  # one CPU left for the training process
+    assert default_workers(1) == 7  # one CPU left for the training process
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train.default_workers(4) == 1
+    assert default_workers(4) == 1
     monkeypatch.setenv("PSI_WORKER_CPUS", "64")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.default_workers(1) == 8  # at most 8
+    assert default_workers(1) == 8  # at most 8
 
 
 def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, tmp_path):
@@ -520,13 +529,15 @@ def test_nodes_with_different_copies_of_the_dataset_are_refused(tree, tmp_path):
     shutil.copytree(tree, other)
     next((other / "train" / CLASSES[0]).glob("*.jpg")).unlink()
     script = f"""
-from psi import data as D, train
+from psi.engine.dataset import DataError
+from psi.engine.distributed import check_same_files
+from psi.engine.loaders import load_dataset
 rank = dist.get_rank()
-ds = D.load_dataset("imagefolder", {str(tree)!r} if rank == 0 else {str(other)!r})
+ds = load_dataset("imagefolder", {str(tree)!r} if rank == 0 else {str(other)!r})
 try:
-    train._check_same_files(ds, 2)
+    check_same_files(ds, 2)
     print("accepted")
-except D.DataError as e:
+except DataError as e:
     print("refused:", e)
 """
     r = torchrun_script(tmp_path / "check.py", script)
@@ -547,12 +558,12 @@ def test_a_slow_shared_file_system_is_waited_for(tmp_path, monkeypatch):
         if len(waits) == 2:
             path.write_text(json.dumps({"token": "t"}))
 
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
-    assert not train._sees_token(path, "t", patience=0) and waits == []  # rank 0 looks once, never waits
+    monkeypatch.setattr(distributed, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    assert not _sees_token(path, "t", patience=0) and waits == []  # rank 0 looks once, never waits
     path.parent.mkdir()
-    assert train._sees_token(path, "t", patience=10) and waits == [1.0, 1.0]  # seen on the third look
+    assert _sees_token(path, "t", patience=10) and waits == [1.0, 1.0]  # seen on the third look
     waits.clear()
-    assert not train._sees_token(path, "other", patience=3) and sum(waits) == 3.0  # gives up when patience ends
+    assert not _sees_token(path, "other", patience=3) and sum(waits) == 3.0  # gives up when patience ends
 
 
 def test_a_data_parallel_grid_worker_agrees_on_a_run_rank_0_finishes_late(tree, tmp_path):
@@ -562,19 +573,22 @@ def test_a_data_parallel_grid_worker_agrees_on_a_run_rank_0_finishes_late(tree, 
     script = f"""
 import time
 from pathlib import Path
-from psi import grid, notebook, train
-write = train._write_json
+from psi.engine import distributed, imageloader, trainer
+from psi.grid.workers import plan_file, work
+from psi.study.plan import base_config, distinct, study_configs
+from psi.study.profiles import study_settings
+write = trainer.write_json
 def late(path, obj):
     if path.name == "summary.json":
         time.sleep(1.0)
     write(path, obj)
-train._write_json = late
-settings = notebook.study_settings("imagenet", models=["resnet18"], optimizers=["sgd", "psi-sgd"], seeds=[0],
+trainer.write_json = late
+settings = study_settings("imagenet", models=["resnet18"], optimizers=["sgd", "psi-sgd"], seeds=[0],
                                    epochs=1, batch_size=8, image_size=32)
-base = grid.base_config(settings, {str(tmp_path / "runs")!r}, data_dir={str(tree)!r})
-configs = grid.distinct(grid.study_configs(settings, base, {{}}))
-plan = grid._plan_file(Path({str(tmp_path)!r}), "study", "", settings, base, configs)
-sys.exit(grid.work(plan, (1, 1), threads=1, steal=False))
+base = base_config(settings, {str(tmp_path / "runs")!r}, data_dir={str(tree)!r})
+configs = distinct(study_configs(settings, base, {{}}))
+plan = plan_file(Path({str(tmp_path)!r}), "study", "", settings, base, configs)
+sys.exit(work(plan, (1, 1), threads=1, steal=False))
 """
     r = torchrun_script(tmp_path / "worker.py", script, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -615,7 +629,7 @@ def test_the_gpu_path_decodes_on_its_own_stream_that_training_then_waits_for(jpe
         log.append(f"decode on {current[-1].name}")
         return _pil_stand_in(data, device)
 
-    ds = D.load_dataset("imagefolder", jpeg_tree)
+    ds = load_dataset("imagefolder", jpeg_tree)
     loader = _loader(ds, decoder="nvjpeg", decode=decode)
     loader._stream = Stream("side")
     batches = list(loader.epoch(0))

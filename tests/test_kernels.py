@@ -1,4 +1,4 @@
-"""psi.kernels (issue 16): what decides a CPU run's bits is recorded by every run; the smoke and quick
+"""psi.engine.kernels (issue 16): what decides a CPU run's bits is recorded by every run; the smoke and quick
 profiles train under the AVX2 pin in every process (run_all.sh, psi.grid's workers, psi.grid itself);
 a short pinned run gives the committed bits, and a run under other kernels does not."""
 
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from psi import grid, kernels, train
+from psi.engine import kernels, trainer
+from psi.engine.config import Config
+from psi.grid import cli
+from psi.grid.cli import main
 from tests import pinned_run
 from tests.procs import env
 
@@ -20,7 +23,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX2 = X86 and " avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else X86
 needs_avx2 = pytest.mark.skipif(not AVX2, reason="the pin is AVX2's: this CPU is not x86-64 with AVX2")
 RECORD = ("cpu_capability", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "threads", "cpu_model", "machine", "torch")
-CHILD = "import json; from psi import kernels; print(json.dumps(kernels.record()))"
+CHILD = "import json; from psi.engine import kernels; print(json.dumps(kernels.record()))"
 
 
 def _unpinned(**extra: str) -> dict[str, str]:
@@ -60,10 +63,10 @@ def test_a_child_started_under_the_pin_runs_avx2_and_records_it():
 
 
 def test_every_run_records_its_kernels_and_keeps_its_folder_name(tmp_path):
-    cfg = train.Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=1, batch_size=50,
+    cfg = Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=1, batch_size=50,
                        subset=100, out=str(tmp_path), progress=False)
     assert cfg.key() == "5078d781"  # the key of before the record: old run folders keep their names
-    s = train.run(cfg)
+    s = trainer.run(cfg)
     config = json.loads((cfg.run_dir() / "config.json").read_text())
     for rec in (config["kernels"], s["kernels"]):
         assert set(rec) == set(RECORD) and rec == kernels.record()
@@ -97,14 +100,14 @@ def test_python_m_psi_grid_starts_itself_again_under_the_pin(tmp_path):
 
 def test_psi_grid_gives_its_workers_the_pin(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(grid, "_launch", lambda *a, **kw: seen.append(a[9] if len(a) > 9 else kw["base_env"]) or [])
+    monkeypatch.setattr(cli, "launch_workers", lambda *a, **kw: seen.append(a[9] if len(a) > 9 else kw["base_env"]) or [])
     for k in kernels.PIN:
         monkeypatch.delenv(k, raising=False)
     args = ["run", "--profile", "smoke", "--device", "cpu", "--out", str(tmp_path)]
-    grid.main(args)  # the selection's workers (then it stops: nothing was trained)
+    main(args)  # the selection's workers (then it stops: nothing was trained)
     assert all(seen[0].get(k) == v for k, v in kernels.pin().items()) and seen[0]["PATH"] == os.environ["PATH"]
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    grid.main([*args, "--cpu-isa", "native"])
+    main([*args, "--cpu-isa", "native"])
     assert not set(kernels.PIN) & set(seen[1])
 
 

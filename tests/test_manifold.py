@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from psi import manifold as M
+from psi.core import manifold as M
 
 SHAPES = [(7, 5), (6, 3, 3, 3), (4, 2, 3)]
 

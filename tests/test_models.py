@@ -1,4 +1,4 @@
-"""psi.models' ImageNet ResNets against torchvision's: the same state_dict keys and shapes, so that
+"""psi.engine.models' ImageNet ResNets against torchvision's: the same state_dict keys and shapes, so that
 torchvision's checkpoints load (the project's tests run without torchvision, hence the key list is data).
 
 ``tests/data/torchvision_resnet_keys.json`` was written by torchvision itself (0.29.1, torch 2.14.1),
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import psi
-from psi import models
+from psi.engine import models
 
 KEYS = json.loads((Path(__file__).parent / "data" / "torchvision_resnet_keys.json").read_text())["models"]
 # He et al. 2016's networks at 1000 classes, as torchvision counts them

@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from psi import data as D
-from psi import kernels, study, train
+from psi.engine import cifar, kernels, trainer
+from psi.engine.config import Config
+from psi.engine.models import build_model
+from psi.engine.rundir import load_checkpoint
+from psi.study.results import load_metrics, load_runs
+from psi.study.selection import read_selected_files
 from tests.runs import metric_rows, only_run
 
 OLD = Path(__file__).parent / "data" / "old_runs"
@@ -24,16 +28,16 @@ RUN = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2
 
 def test_an_old_cut_run_resumes_to_the_old_complete_run(tmp_path):
     shutil.copytree(OLD / "cut", tmp_path / "cut")
-    cfg = train.Config(**RUN, out=str(tmp_path / "cut"))
+    cfg = Config(**RUN, out=str(tmp_path / "cut"))
     assert cfg.run_dir() == only_run(tmp_path / "cut")  # the same key names the same folder
     assert len(metric_rows(cfg.run_dir())) == 1
-    train.run(cfg, D.synthetic(n_train=500, n_test=100))
+    trainer.run(cfg, cifar.synthetic(n_train=500, n_test=100))
     got, old = metric_rows(cfg.run_dir()), metric_rows(only_run(OLD / "complete"))
     made = json.loads((only_run(OLD / "complete") / "config.json").read_text())["kernels"]
     here = kernels.record()
     if (kernels.label(here), here["cpu_model"]) == (kernels.label(made), made["cpu_model"]):
         assert got == old  # the kernels that made it: to the bit
-    else:  # other kernels sum in another order (psi.kernels): the same run, not the same bits
+    else:  # other kernels sum in another order (psi.engine.kernels): the same run, not the same bits
         assert _flat(got) == pytest.approx(_flat(old), rel=1e-3)
 
 
@@ -47,19 +51,19 @@ def _flat(x, key: str = "") -> dict:
 
 def test_old_checkpoints_load_and_fit_todays_objects():
     for ck_path in OLD.glob("*/*/checkpoint.pt"):
-        ck = train._load_checkpoint(ck_path)
-        cfg = train.Config(**RUN)
-        model = train.build_model(cfg.model, num_classes=10)
+        ck = load_checkpoint(ck_path)
+        cfg = Config(**RUN)
+        model = build_model(cfg.model, num_classes=10)
         model.load_state_dict(ck["model"])
         assert isinstance(ck["epoch"], int) and ck["config"]["optimizer"] == "psi-sgdm"
         assert all(isinstance(v, torch.Tensor) for v in ck["model"].values())
 
 
 def test_old_run_folders_and_selection_files_feed_the_study():
-    runs = study.load_runs(OLD / "complete")
+    runs = load_runs(OLD / "complete")
     summary = json.loads((only_run(OLD / "complete") / "summary.json").read_text())
     assert list(runs["optimizer"]) == ["psi-sgdm"] and runs["epochs"].iloc[0] == 2
     assert runs["acc"].iloc[0] == 100 * summary["final_test_acc"]
-    assert study.read_selected_files(OLD / "complete") == {("synthetic", "smallcnn", "psi-sgdm"): 0.1,
+    assert read_selected_files(OLD / "complete") == {("synthetic", "smallcnn", "psi-sgdm"): 0.1,
                                                           ("synthetic", "smallcnn", "sgd"): 0.05}
-    assert len(study.load_metrics(OLD / "complete")) == 2
+    assert len(load_metrics(OLD / "complete")) == 2

@@ -16,8 +16,9 @@ should lower its budget too.
 import pytest
 import torch
 
-from psi.bench import StepCounter, main, step_ops
-from psi.optimizers import OPTIMIZERS
+from psi.bench.cli import main
+from psi.bench.steps import StepCounter, step_ops
+from psi.engine.optimizers import OPTIMIZERS
 
 OPS_BUDGET = {"sgd": 7, "adam": 141, "sgdg": 161, "psi-sgd": 87, "psi-sgdm": 148, "sgdp": 3696}
 KERNEL_BUDGET = {"sgd": 5, "adam": 15, "sgdg": 124, "psi-sgd": 197, "psi-sgdm": 258, "sgdp": 2404}

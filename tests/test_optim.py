@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import psi
-from psi import manifold as M
+from psi.core import manifold as M
 from tests.nets import DenseSE, Mixed
 
 
@@ -355,7 +355,7 @@ def test_no_host_sync_on_cuda():
 def test_benchmark_runs_and_prints_ratios(capsys):
     """Every contender gets a row with a positive time, and its ratio column is its time over torch
     SGD's, as far as the printed digits tell (times to 1e-3 ms, ratios to 1e-2)."""
-    from psi import bench
+    from psi.bench import cli as bench
 
     bench.main(["optimizer", "--models", "resnet20", "--steps", "1", "--rounds", "1", "--no-compile"])
     out = capsys.readouterr().out
@@ -379,7 +379,7 @@ def test_benchmark_runs_and_prints_ratios(capsys):
 
 
 def test_epoch_benchmark_times_every_paper_optimizer_beside_the_papers_ratio(capsys):
-    from psi import bench
+    from psi.bench import cli as bench
 
     bench.main(["epoch", "--models", "smallcnn", "--images", "128", "--rounds", "1"])
     out = capsys.readouterr().out
@@ -399,7 +399,7 @@ def _copies(n):
 
 def _per_layer(name, setting, model, x0):
     """What build_optimizer returned before it merged groups: one group per scale-invariant layer."""
-    from psi.optimizers import Combined, resolve
+    from psi.engine.optimizers import Combined, resolve
 
     spec, groups = resolve(name, setting), psi.param_groups(model, x0)
     hp = {k: v for k, v in spec[0].items() if k != "name"}
@@ -418,7 +418,7 @@ def _per_layer(name, setting, model, x0):
 @pytest.mark.parametrize("setting", ["table1", "table2"])
 @pytest.mark.parametrize("name", ["sgd", "adam", "psi-sgd", "psi-sgdm", "sgdp"])
 def test_merged_groups_equal_per_layer_groups_to_the_bit(name, setting):
-    from psi.optimizers import build_optimizer
+    from psi.engine.optimizers import build_optimizer
 
     a, b = _copies(2)
     x0 = torch.randn(8, 3, 16, 16)
@@ -433,8 +433,8 @@ def test_merged_groups_equal_per_layer_groups_to_the_bit(name, setting):
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "psi-sgdm", "sgdp", "sgdg"])
 def test_psi_layers_names_each_layers_tensors(name):
-    from psi.models import SmallCNN
-    from psi.optimizers import build_optimizer
+    from psi.engine.models import SmallCNN
+    from psi.engine.optimizers import build_optimizer
 
     model = Mixed() if name != "sgdg" else SmallCNN(width=8)  # SGDG refuses Mixed's bias that scales
     x0 = torch.randn(8, 3, 16, 16)
@@ -488,14 +488,14 @@ def test_one_step_is_the_retraction_of_the_riemannian_gradient(foreach, max_norm
             torch.testing.assert_close(w, e, rtol=1e-12, atol=1e-12)
 
 
-# -- effective learning rates (psi.optimizers.effective_lr) ---------------------------------------
+# -- effective learning rates (psi.engine.optimizers.effective_lr) ---------------------------------------
 
 def test_effective_lr_is_what_the_run_records():
     """``_psi_layer_stats``'s ``eff_lr`` (each epoch's row of metrics.jsonl) is ``effective_lr`` to the bit,
     for every method, with a learning rate held as a tensor too (compiled steps)."""
-    from psi import train
-    from psi.models import SmallCNN
-    from psi.optimizers import EFFECTIVE_LR, OPTIMIZERS, build_optimizer, effective_lr
+    from psi.engine import epoch
+    from psi.engine.models import SmallCNN
+    from psi.engine.optimizers import EFFECTIVE_LR, OPTIMIZERS, build_optimizer, effective_lr
 
     assert set(EFFECTIVE_LR) == set(OPTIMIZERS)
     for name in OPTIMIZERS:
@@ -505,7 +505,7 @@ def test_effective_lr_is_what_the_run_records():
             model.features[0].weight.mul_(7.0)  # norms far from 1, where the rules differ
         opt = build_optimizer(name, model, torch.randn(8, 3, 16, 16))
         opt.param_groups[0]["lr"] = torch.tensor(0.37)
-        stats = train._psi_layer_stats(opt, name)
+        stats = epoch._psi_layer_stats(opt, name)
         for layer, tensors in opt.psi_layers.items():
             w = tensors[0].detach()
             lr = next(float(g["lr"]) for g in opt.param_groups if any(p is tensors[0] for p in g["params"]))
@@ -521,7 +521,7 @@ def test_effective_lr_is_the_turn_of_the_direction_per_unit_of_sphere_gradient(n
     """The reason ``effective_lr`` gives: a small step of the method on a scale-invariant loss turns
     ``v(i) = w(i)/||w(i)||`` by the angle ``rate(i) * ||grad_v(i)||``; the mean over neurons of
     ``rate(i)`` is ``effective_lr``."""
-    from psi.optimizers import effective_lr
+    from psi.engine.optimizers import effective_lr
 
     g = torch.Generator().manual_seed(0)
     W = M.rescale(torch.randn(6, 5, generator=g, dtype=torch.float64), M.random_scales(6, 0.2, 5.0, generator=g))

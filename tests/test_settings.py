@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 
-from psi import data as D
-from psi import optimizers as O
-from psi import study, train
-from psi.models import SmallCNN
+from psi.engine import cifar, trainer
+from psi.engine import optimizers as O
+from psi.engine.config import Config
+from psi.engine.models import SmallCNN
+from psi.study.results import load_metrics, load_runs
 
 X = torch.randn(8, 3, 16, 16)
 
@@ -55,8 +56,8 @@ def test_settings_refuse_what_they_cannot_mean():
     with pytest.raises(ValueError, match="omega is SGDG's"):
         O.resolve("psi-sgd", omega=0.1)
     with pytest.raises(ValueError, match="tuned"):
-        train.Config(setting="tuned").validate()
-    assert train.Config(setting="table2").key() != train.Config().key()
+        Config(setting="tuned").validate()
+    assert Config(setting="table2").key() != Config().key()
 
 
 @pytest.mark.parametrize("setting", ["table1", "table2"])
@@ -90,33 +91,33 @@ def test_psi_sgd_under_table2_scales_the_regularized_gradient():
 
 @pytest.fixture(scope="module")
 def ds():
-    return D.synthetic(n_train=300, n_test=100)
+    return cifar.synthetic(n_train=300, n_test=100)
 
 
 def _cfg(tmp_path, **kw):
     base = dict(dataset="synthetic", model="smallcnn", epochs=2, batch_size=50, subset=200, out=str(tmp_path),
                 progress=False)
-    return train.Config(**{**base, **kw})
+    return Config(**{**base, **kw})
 
 
 def test_a_run_records_its_setting_and_groups_and_the_analysis_reads_them(tmp_path, ds, monkeypatch):
     cfg = _cfg(tmp_path, optimizer="sgdg", setting="table2", epochs=1)
-    train.run(cfg, ds)
+    trainer.run(cfg, ds)
     c = json.loads((cfg.run_dir() / "config.json").read_text())
     assert c["setting"] == "table2" and c["lr"] is None
     torch.manual_seed(0)
     assert c["groups"] == O.describe(O.build_optimizer("sgdg", SmallCNN(width=8), X, "table2"))
     assert c["groups"][0]["omega"] == 0.1 and c["groups"][1]["weight_decay"] == 5e-4
     monkeypatch.setitem(O.LR, "sgdg", 7.0)  # today's default changes: the finished run keeps its label
-    runs = study.load_runs(tmp_path)
+    runs = load_runs(tmp_path)
     assert runs[["setting", "lr"]].to_dict("records") == [{"setting": "table2", "lr": 0.2}]
-    assert study.load_metrics(tmp_path)["lr_base"].tolist() == [0.2]
+    assert load_metrics(tmp_path)["lr_base"].tolist() == [0.2]
     old = tmp_path / "synthetic-smallcnn-sgd-s0-old"  # a run made before runs recorded their groups
     old.mkdir()
     (old / "summary.json").write_text((cfg.run_dir() / "summary.json").read_text())
     (old / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in ("groups", "setting")}))
     with pytest.warns(UserWarning, match="1 finished runs .* do not record"):
-        assert len(study.load_runs(tmp_path)) == 1
+        assert len(load_runs(tmp_path)) == 1
 
 
 def test_at_one_seed_every_optimizer_starts_the_same_and_sees_the_same_batches(tmp_path, ds):
@@ -129,12 +130,12 @@ def test_at_one_seed_every_optimizer_starts_the_same_and_sees_the_same_batches(t
         cfg = _cfg(tmp_path, optimizer=name, lr=1e-30, **rest)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # adamp's deprecated torch call
-            train.run(cfg, ds)
+            trainer.run(cfg, ds)
         losses[name] = [json.loads(x)["train_loss"] for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     sgdg = losses.pop("sgdg")
     assert all(v == losses["sgd"] for v in losses.values()), losses
     assert sgdg == pytest.approx(losses["sgd"], rel=1e-4) and sgdg != losses["sgd"]
     other = _cfg(tmp_path, optimizer="sgd", lr=1e-30, seed=1)
-    train.run(other, ds)
+    trainer.run(other, ds)
     seed1 = [json.loads(x)["train_loss"] for x in (other.run_dir() / "metrics.jsonl").read_text().splitlines()]
     assert seed1 != pytest.approx(losses["sgd"], rel=1e-3)

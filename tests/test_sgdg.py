@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from psi import manifold as M
-from psi.sgdg import SGDG
+from psi.core import manifold as M
+from psi.engine.sgdg import SGDG
 
 
 def _by_hand(y, m, g, lr, momentum, nu):
@@ -75,7 +75,7 @@ def test_transported_momentum_is_tangent_at_the_new_point_and_keeps_its_length()
 
 
 def test_start_and_step_are_psi_manifolds_canonical_and_expmap():
-    """psi.sgdg writes out ``psi.manifold.canonical`` and ``psi.manifold.expmap`` (at unit norm) in the
+    """psi.engine.sgdg writes out ``psi.manifold.canonical`` and ``psi.manifold.expmap`` (at unit norm) in the
     arithmetic its runs recorded; they agree to rounding. Momentum 0, no clip: one step is
     ``canonical(expmap(y, -lr proju(y, G)))``."""
     torch.manual_seed(2)
@@ -94,7 +94,7 @@ def test_start_and_step_are_psi_manifolds_canonical_and_expmap():
 
 
 def _sgdg_per_layer(w, g, m, lr, momentum, clip):
-    """The layer-by-layer SGDG step psi.sgdg had before it stacked layers (about 35 ops a layer)."""
+    """The layer-by-layer SGDG step psi.engine.sgdg had before it stacked layers (about 35 ops a layer)."""
     y, g = w.reshape(w.shape[0], -1), g.reshape(w.shape[0], -1)
     h = g - torch.linalg.vecdot(y, g).unsqueeze(1) * y
     hn = torch.linalg.vector_norm(h, dim=1, keepdim=True)
@@ -194,7 +194,7 @@ def test_sgdg_is_cho_and_lees_update(omega, eps, atol):
 def test_orthogonality_term_is_the_gradient_of_the_regularizer_of_each_layer():
     """``2 omega (Y Y^T Y - Y)`` is autograd's gradient of ``omega/2 ||Y Y^T - I||_F^2`` for each
     layer's unit rows, and stacking layers adds no cross-layer term."""
-    from psi.sgdg import _add_orthogonality
+    from psi.engine.sgdg import _add_orthogonality
 
     torch.manual_seed(0)
     layers = [torch.nn.functional.normalize(torch.randn(n, 9, dtype=torch.float64), dim=1) for n in (3, 5)]

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import psi
-from psi import figure4 as F4
-from psi import geometry as G
-from psi import manifold as M
-from psi import symmetry as S
-from psi.loop import batch_indices, steps_per_epoch, train_steps
-from psi.models import BNMLP
-from psi.rates import describe_fit, min_sq_upto, plot_rates, psi_sgd_min_sq, psi_sgd_rate, slope_ci
-from psi.toy import METHODS, euclid_grad_norm, make_optimizer, toy_regression, train_full_batch, vg_grad_norm
+from psi.core import manifold as M
+from psi.engine.models import BNMLP
+from psi.paper import figure4 as F4
+from psi.paper import geometry as G
+from psi.paper import symmetry as S
+from psi.paper.loop import batch_indices, steps_per_epoch, train_steps
+from psi.paper.rates import describe_fit, min_sq_upto, plot_rates, psi_sgd_min_sq, psi_sgd_rate, slope_ci
+from psi.paper.toy import METHODS, euclid_grad_norm, make_optimizer, toy_regression, train_full_batch, vg_grad_norm
 
 
 def _data(n=96, d=6, classes=3, seed=0):
@@ -26,7 +26,7 @@ def _data(n=96, d=6, classes=3, seed=0):
     return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(classes, (n,), generator=g)
 
 
-# -- psi.loop -------------------------------------------------------------------------------------
+# -- psi.paper.loop -------------------------------------------------------------------------------------
 
 def test_batches_reshuffle_every_epoch_and_cover_it_without_repeats():
     stream = batch_indices(10, 3, torch.Generator().manual_seed(0))
@@ -81,7 +81,7 @@ def test_a_non_finite_loss_ends_the_loop_without_a_step():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-# -- psi.toy -------------------------------------------------------------------------------------
+# -- psi.paper.toy -------------------------------------------------------------------------------------
 
 def test_toy_regression_noise_only_scales_the_noise():
     x0, y0 = toy_regression(noise=0.0)
@@ -125,7 +125,7 @@ def test_a_diverged_run_is_cut_where_it_diverged():
     assert 0 < len(h["loss"]) < 50 and all(map(math.isfinite, h["loss"]))
 
 
-# -- psi.figure4 ---------------------------------------------------------------------------------
+# -- psi.paper.figure4 ---------------------------------------------------------------------------------
 
 def test_fall_reads_a_geometric_sequence_and_a_stall():
     t = np.arange(200)
@@ -198,7 +198,7 @@ def test_the_verdict_on_figure4_follows_the_numbers():
     assert any("nearest the figure's 10^2.6 is 'w1 x 30'" in line for line in F4.findings(table, far, good, -4.0, 1.0))
 
 
-# -- psi.rates -----------------------------------------------------------------------------------
+# -- psi.paper.rates -----------------------------------------------------------------------------------
 
 def test_slope_ci_recovers_a_power_law():
     T = np.array([10, 20, 40, 80, 160])
@@ -230,7 +230,7 @@ def test_psi_sgd_min_sq_is_the_best_full_batch_iterate():
     assert len(more) == 2 and all(v < first[0] for v in more)
 
 
-# -- psi.symmetry --------------------------------------------------------------------------------
+# -- psi.paper.symmetry --------------------------------------------------------------------------------
 
 def _pair(eps=1e-30, low=1e-2, high=1e2):
     x, y = _data()
@@ -304,7 +304,7 @@ def test_figure1_findings_say_whether_it_is_the_papers_picture():
     assert c.endswith("not the paper's picture.")
 
 
-# -- psi.geometry --------------------------------------------------------------------------------
+# -- psi.paper.geometry --------------------------------------------------------------------------------
 
 def test_retraction_and_expmap_agree_to_second_order():
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""psi.models, psi.optimizers, psi.train: runs, resume after kill -9, NaN, CLI, shards, DDP."""
+"""psi.engine.models, psi.engine.optimizers, psi.train: runs, resume after kill -9, NaN, CLI, shards, DDP."""
 
 import json
 import math
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from psi import models, train
-from psi.optimizers import OPTIMIZERS, build_optimizer
+from psi.engine import config, models, trainer
+from psi.engine.config import lr_factor
+from psi.engine.optimizers import OPTIMIZERS, build_optimizer
+from psi.train import _parser, configs_from_args
 from tests.procs import env, kill_at_epoch, torchrun
 from tests.runs import metric_rows, only_run
 
@@ -47,9 +49,9 @@ def test_every_optimizer_trains(name):
 
 
 def test_run_files_and_reuse(tmp_path):
-    cfg = train.Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50,
+    cfg = config.Config(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50,
                        subset=300, out=str(tmp_path), progress=False)
-    s = train.run(cfg)
+    s = trainer.run(cfg)
     d = cfg.run_dir()
     assert {p.name for p in d.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", ".lock"}
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
@@ -61,43 +63,43 @@ def test_run_files_and_reuse(tmp_path):
     # PSI-SGDM's effective rate is its lr at the epoch's last step (6 steps of 50 images): the first
     # milestone, 30% of 2 epochs = step 3.6, falls inside epoch 0, so 0.1 x 0.2 (the lr at its start is 0.1)
     assert rows[0]["lr"] == pytest.approx(0.1)
-    assert train.lr_factor(cfg, 5 / 6) == pytest.approx(0.2)
+    assert lr_factor(cfg, 5 / 6) == pytest.approx(0.2)
     assert rows[0]["psi_layers"]["features.0"]["eff_lr"] == pytest.approx(0.02)
     mtime = (d / "summary.json").stat().st_mtime_ns
-    assert train.run(cfg) == s and (d / "summary.json").stat().st_mtime_ns == mtime  # not run again
+    assert trainer.run(cfg) == s and (d / "summary.json").stat().st_mtime_ns == mtime  # not run again
 
 
 def test_schedules():
-    cfg = train.Config(epochs=200)
-    assert [train.lr_factor(cfg, e) for e in (0, 59, 60, 119, 120, 160, 199)] == pytest.approx(
+    cfg = config.Config(epochs=200)
+    assert [lr_factor(cfg, e) for e in (0, 59, 60, 119, 120, 160, 199)] == pytest.approx(
         [1, 1, 0.2, 0.2, 0.04, 0.008, 0.008])
-    cos = train.Config(epochs=10, schedule="cosine", warmup_epochs=2)
-    assert train.lr_factor(cos, 1.0) == pytest.approx(0.5) and train.lr_factor(cos, 2.0) == pytest.approx(1.0)
-    assert train.lr_factor(cos, 10.0) == pytest.approx(0.0, abs=1e-12)
+    cos = config.Config(epochs=10, schedule="cosine", warmup_epochs=2)
+    assert lr_factor(cos, 1.0) == pytest.approx(0.5) and lr_factor(cos, 2.0) == pytest.approx(1.0)
+    assert lr_factor(cos, 10.0) == pytest.approx(0.0, abs=1e-12)
     # a milestone inside an epoch acts at its step (30% of one epoch), not at the next epoch boundary
-    one = train.Config(epochs=1)
-    assert [train.lr_factor(one, t) for t in (0.0, 0.29, 0.3, 0.6, 0.79, 0.8)] == pytest.approx(
+    one = config.Config(epochs=1)
+    assert [lr_factor(one, t) for t in (0.0, 0.29, 0.3, 0.6, 0.79, 0.8)] == pytest.approx(
         [1, 1, 0.2, 0.04, 0.04, 0.008])
-    ten = train.Config(epochs=10)  # 0.6 * 10 is 6.000000000000001 in floating point: still epoch 6
-    assert train.lr_factor(ten, 6.0) == pytest.approx(0.04) and train.lr_factor(ten, 5.999) == pytest.approx(0.2)
+    ten = config.Config(epochs=10)  # 0.6 * 10 is 6.000000000000001 in floating point: still epoch 6
+    assert lr_factor(ten, 6.0) == pytest.approx(0.04) and lr_factor(ten, 5.999) == pytest.approx(0.2)
 
 
 def test_the_command_line_is_made_from_config():
     from dataclasses import fields, replace
 
-    ap = train._parser()
+    ap = _parser()
     dests = {a.dest for a in ap._actions}
-    assert {f.name for f in fields(train.Config) if f.metadata.get("cli", True)} | {"threads", "shard", "quiet"} \
+    assert {f.name for f in fields(config.Config) if f.metadata.get("cli", True)} | {"threads", "shard", "quiet"} \
         <= dests
-    assert all(f.metadata.get("help") for f in fields(train.Config))  # every field says what it is
+    assert all(f.metadata.get("help") for f in fields(config.Config))  # every field says what it is
     a = ap.parse_args(["--milestones", "0.5", "0.9", "--gamma", "0.1", "--model", "resnet20", "smallcnn",
                        "--seed", "3", "4", "--no-compile", "--quiet", "--eval-every", "0"])
-    cs = train.configs_from_args(a)
+    cs = configs_from_args(a)
     assert [(c.model, c.seed) for c in cs] == [("resnet20", 3), ("resnet20", 4), ("smallcnn", 3), ("smallcnn", 4)]
     c = cs[0]
     assert (c.milestones, c.gamma, c.compile, c.progress, c.eval_every) == ((0.5, 0.9), 0.1, False, False, 0)
-    assert train.lr_factor(c, 0.6 * c.epochs) == pytest.approx(0.1)  # the milestones the command line gave
-    assert train.configs_from_args(ap.parse_args([])) == [replace(train.Config(), progress=True)]  # Config's defaults
+    assert lr_factor(c, 0.6 * c.epochs) == pytest.approx(0.1)  # the milestones the command line gave
+    assert configs_from_args(ap.parse_args([])) == [replace(config.Config(), progress=True)]  # Config's defaults
 
 
 def _cli(*args, env=None, **kw):
@@ -128,15 +130,15 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_metrics(tmp_path):
 
 
 def test_truncated_checkpoint_is_named(tmp_path):
-    cfg = train.Config(dataset="synthetic", model="smallcnn", epochs=2, batch_size=50, subset=100,
+    cfg = config.Config(dataset="synthetic", model="smallcnn", epochs=2, batch_size=50, subset=100,
                        out=str(tmp_path), progress=False)
-    train.run(cfg)
+    trainer.run(cfg)
     d = cfg.run_dir()
     (d / "summary.json").unlink()
     ck = d / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match="checkpoint.pt is unreadable.*Delete it"):
-        train.run(cfg)
+        trainer.run(cfg)
     assert len((d / "metrics.jsonl").read_text().splitlines()) == 2  # nothing lost
 
 

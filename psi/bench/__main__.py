@@ -1,5 +1,5 @@
 """``python -m psi.bench optimizer|ops|epoch|engine``: see :mod:`psi.bench`."""
 
-from psi.bench import main
+from psi.bench.cli import main
 
 main()

@@ -1,6 +1,6 @@
 """Discovery benchmark: ``python -m psi.bench discovery [--models resnet20 vgg-wide] [--torchvision]``.
 
-:func:`psi.discovery.discover` before and after group testing, side by side on each model: the
+:func:`psi.core.discovery.discover` before and after group testing, side by side on each model: the
 per-layer algorithm (``strategy="per-layer"``: one float64 forward per candidate layer, one more per
 rejected layer with a bias, on ``deepcopy(model).double()``) against the default (gradient screen,
 group testing, a float64 copy made without an intermediate one). One CPU thread; reported: seconds,
@@ -10,7 +10,7 @@ new / old, and whether both found the same layers. Each measurement runs in a fr
 (``--in-process`` to skip that), so that pages one contender freed cannot hide the other's peak.
 
 Models: ``resnet20``, ``resnet56``, ``cifar_resnet18`` (CIFAR inputs, batch 4) and ``resnet50``
-(ImageNet, batch 2 at 224x224) from :mod:`psi.models` when it has them; ``vgg-wide``, a VGG-11-BN
+(ImageNet, batch 2 at 224x224) from :mod:`psi.engine.models` when it has them; ``vgg-wide``, a VGG-11-BN
 with a 4096-wide classifier (28M parameters, the memory case); ``tiny`` (a BN MLP, for the tests).
 ``--torchvision``: torchvision's resnet50, vgg11_bn, convnext_tiny, mobilenet_v3_large and vit_b_16,
 and timm's vit_tiny_patch16_224 when timm is installed (batch 2 at 224x224, random init).
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..discovery import _run
-from ..models import BNMLP, MODELS
+from psi.core.probe import find_layers
+from psi.engine.models import BNMLP, MODELS
 
 CIFAR = (4, 3, 32, 32)
 IMAGENET = (2, 3, 224, 224)
@@ -54,7 +54,7 @@ def vgg_wide(num_classes: int = 10) -> nn.Module:
 
 def builders() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
     """Every model this benchmark knows, with its input shape."""
-    from .. import models
+    from psi.engine import models
 
     imagenet = getattr(models, "IMAGENET_MODELS", ())
     out: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -98,7 +98,7 @@ def measure(name: str, strategy: str) -> dict:
     except OSError:
         before = float("nan")
     t = time.perf_counter()
-    found, forwards = _run(model, x, 0, strategy)
+    found, forwards = find_layers(model, x, 0, strategy)
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "forwards": forwards, "peak_mib": (_status_kb("VmHWM") - before) / 1024,
             "found": [[f.name, f.with_bias] for f in found],

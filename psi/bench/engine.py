@@ -2,7 +2,7 @@
 
 Side by side in one invocation, on the same batches:
 
-1. the engine (:func:`psi.train.run`, SGD) against a bare hand-written loop (forward, loss,
+1. the engine (:func:`psi.engine.trainer.run`, SGD) against a bare hand-written loop (forward, loss,
    backward, ``optimizer.step()``, nothing else), eager: the engine's bookkeeping costs the ratio;
 2. PSI-SGDM against SGD in the engine, eager and compiled (model and step): the paper's timing
    remark (+9% per epoch on a V100);
@@ -27,19 +27,22 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .. import data as D
-from ..models import build_model
-from ..optimizers import build_optimizer
-from ..train import DISCOVERY_EXAMPLES, Config, run
+from psi.bench.epoch import train_batches
+from psi.engine.cifar import BatchLoader
+from psi.engine.config import Config
+from psi.engine.dataset import Dataset, balanced_subset
+from psi.engine.loaders import load_dataset
+from psi.engine.models import build_model
+from psi.engine.optimizers import build_optimizer
+from psi.engine.trainer import DISCOVERY_EXAMPLES, run
 
 
-def bare_loop(ds: D.Dataset, cfg: Config) -> list[float]:
+def bare_loop(ds: Dataset, cfg: Config) -> list[float]:
     """Seconds per epoch of the plainest loop over the engine's own batches (eager, fp32)."""
     torch.manual_seed(cfg.seed)
-    idx = D.balanced_subset(ds.train_y, cfg.subset) if cfg.subset else torch.arange(len(ds.train_y))
-    loader = D.BatchLoader(ds.train_x[idx], ds.train_y[idx], ds.mean, ds.std, cfg.batch_size, train=True,
+    idx = balanced_subset(ds.train_y, cfg.subset) if cfg.subset else torch.arange(len(ds.train_y))
+    loader = BatchLoader(ds.train_x[idx], ds.train_y[idx], ds.mean, ds.std, cfg.batch_size, train=True,
                            seed=cfg.seed, device=cfg.device)
     model = build_model(cfg.model, ds.num_classes).to(cfg.device)
     opt = build_optimizer(cfg.optimizer, model, next(iter(loader.epoch(0)))[0][:DISCOVERY_EXAMPLES])
@@ -47,11 +50,7 @@ def bare_loop(ds: D.Dataset, cfg: Config) -> list[float]:
     for epoch in range(cfg.epochs):
         model.train()
         t = time.perf_counter()
-        for x, y in loader.epoch(epoch):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_batches(model, opt, loader.epoch(epoch))
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -62,7 +61,7 @@ def _timed(rows: list[dict]) -> list[float]:
     return [r["epoch_seconds"] for r in rows if not r.get("warmup")]
 
 
-def engine(ds: D.Dataset, cfg: Config) -> list[float]:
+def engine(ds: Dataset, cfg: Config) -> list[float]:
     """Seconds of the engine's non-warm-up epochs."""
     run(cfg, ds)
     return _timed([json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()])
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     cuda = a.device.startswith("cuda")
     modes = a.modes or (["eager", "compiled"] if cuda else ["eager"])
-    ds = D.load_dataset(a.dataset, a.data_dir)
+    ds = load_dataset(a.dataset, a.data_dir)
     name = torch.cuda.get_device_name(a.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}; {a.subset} images of {ds.source}, batch {a.batch_size}; "
           f"median epoch seconds after each process's warm-up epoch")

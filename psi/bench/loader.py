@@ -4,7 +4,7 @@
 
 Without ``--data-dir`` it writes a folder of ImageNet-like JPEGs (500x375, quality 90, the median
 shape of ILSVRC-2012's training images) to a temporary directory. It reports images per second of
-:class:`psi.images.ImageLoader` alone (training transform at 224, on the CPU: decode, random
+:class:`psi.engine.imageloader.ImageLoader` alone (training transform at 224, on the CPU: decode, random
 resized crop, flip, normalise), for each number of worker processes, with and without PIL's draft
 decoding; the evaluation transform; and one epoch of training steps of each model fed by the loader
 (the engine's own step: forward, backward, PSI-SGDM). The ratio of the two says whether decoding
@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import images as I
-from ..models import build_model
-from ..optimizers import build_optimizer
+from psi.engine.imageloader import ImageLoader
+from psi.engine.images import load_image_folder
+from psi.engine.models import build_model
+from psi.engine.optimizers import build_optimizer
 
 
 def write_folder(root: Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4) -> Path:
@@ -47,7 +48,7 @@ def write_folder(root: Path, n: int, size: tuple[int, int] = (500, 375), classes
     return root
 
 
-def _rate(loader: I.ImageLoader, rounds: int) -> float:
+def _rate(loader: ImageLoader, rounds: int) -> float:
     """Median images/s over ``rounds`` epochs of the loader."""
     rates = []
     for e in range(rounds):
@@ -58,7 +59,7 @@ def _rate(loader: I.ImageLoader, rounds: int) -> float:
     return statistics.median(rates)
 
 
-def _train_rate(loader: I.ImageLoader, model_name: str, classes: int) -> float:
+def _train_rate(loader: ImageLoader, model_name: str, classes: int) -> float:
     """Images/s of one epoch of training steps fed by ``loader`` (after one untimed batch)."""
     model = build_model(model_name, classes)
     batches = loader.epoch(0)
@@ -95,14 +96,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.data_dir) if a.data_dir else write_folder(Path(tmp), a.images)
-        ds = I.load_image_folder("imagefolder", root)
+        ds = load_image_folder("imagefolder", root)
         print(f"torch {torch.__version__}, {cores} cores, {torch.get_num_threads()} torch threads; {len(ds.train_files)} "
               f"training images from {'generated 500x375 JPEGs' if not a.data_dir else root}; batch {a.batch_size}, "
               f"{a.image_size}px; median of {a.rounds} epochs")
 
-        def loader(workers: int, train: bool = True, draft: bool = True) -> I.ImageLoader:
+        def loader(workers: int, train: bool = True, draft: bool = True) -> ImageLoader:
             files, y = (ds.train_files, ds.train_y) if train else (ds.test_files, ds.test_y)
-            return I.ImageLoader(files, y, ds.mean, ds.std, a.batch_size, train=train, image_size=a.image_size,
+            return ImageLoader(files, y, ds.mean, ds.std, a.batch_size, train=train, image_size=a.image_size,
                                  workers=workers, decoder="pil", draft=draft)
 
         rows = []

@@ -1,0 +1,310 @@
+"""PSI-SGD and PSI-SGDM (eq. 10, Algorithm 1) as a drop-in ``torch.optim.Optimizer``.
+
+Groups marked ``psi=True`` hold scale-invariant weights (see :func:`psi.param_groups`): every
+neuron ``w(i)`` (axis 0) steps along its Riemannian gradient ``||w(i)||^2 G(i)`` (eq. 7),
+with the retraction ``W + X`` (eq. 8). Every other group takes exactly ``torch.optim.SGD``'s
+step: the same functional core is called, so a ``PSISGD`` without psi groups *is* SGD, bit
+for bit.
+
+Momentum on psi groups is Algorithm 1 as printed: the state ``momentum_buffer`` of a psi
+tensor is the velocity ``u`` in weight units (``u <- mu u - lr ||w||^2 G``, ``w <- w + u``), so
+a change of ``lr`` by a schedule acts on new gradients only. torch's SGD (and so the non-psi
+groups) keeps ``b`` with ``w <- w - lr b`` instead; with a constant ``lr`` the two agree
+(``u = -lr b``). Dampening, Nesterov and the first step (``u = -lr ||w||^2 G``, undampened)
+follow torch's SGD.
+
+The constructor is ``torch.optim.SGD``'s (same order, defaults, validation and errors), with
+``max_norm`` keyword-only after torch's arguments, so that an SGD call keeps its meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
+from torch.optim.sgd import sgd as _torch_sgd
+
+from psi.core.functional import psi_sgd
+
+__all__ = ["PSISGD", "PSIGD", "MAX_NORM"]
+
+# The overflow safeguard of section 6.2 (p. 1135): "we normalize the PSI weights w(i) if ||w(i)|| is
+# larger than 10000 during training". The default of PSISGD, psi.engine.optimizers and psi.engine.config.Config.
+MAX_NORM = 1e4
+
+
+# What a group lacks in a state dict saved by an older psi or by torch's SGD, or in an optimizer
+# unpickled from one (torch's SGD.__setstate__ fills the same keys with the same values).
+_GROUP_DEFAULTS: dict[str, Any] = dict(nesterov=False, maximize=False, foreach=None, differentiable=False,
+                                       fused=False, psi=False, max_norm=MAX_NORM)
+
+
+class _Gathered(NamedTuple):
+    """What a step collects from its groups (as torch's SGD's ``_init_group`` does), field by field:
+    the tensors with a gradient, their gradients, their momentum buffers (only with momentum;
+    ``None`` where none exists yet) and, for psi groups, the label of each tensor's neuron set
+    (tensors with the same label share their neurons: :func:`psi_sgd`'s ``neuron_sets``), then
+    the psi tensors without a gradient and their labels (they take no step, but their rows are
+    part of their neurons' norms)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    bufs: list[Tensor | None]
+    neuron_sets: list[int]
+    frozen: list[Tensor]
+    frozen_sets: list[int]
+
+
+class PSISGD(Optimizer):
+    """SGD on the PSI manifold for groups with ``psi=True``, torch's SGD for the rest.
+
+    The arguments are ``torch.optim.SGD``'s, in its order and with its defaults (a positional
+    ``PSISGD(p, 0.1, 0.9, 0, 5e-4)`` means what it means for SGD: ``weight_decay=5e-4``), and
+    ``max_norm`` is keyword-only after them. Validation and its errors are torch's.
+
+    Args:
+        params: parameters or groups; a group with ``psi=True`` must hold real floating-point
+            tensors whose axis 0 indexes neurons (a conv/linear weight, and its bias when the bias
+            scales with it).
+        lr: the step ``eta`` (a float, or a 1-element tensor of any shape). On psi groups it is
+            the step on the unit sphere of each neuron (the angle moved is about
+            ``eta * ||grad_v L||``), whatever ``||w||`` is.
+        momentum, dampening, nesterov: as in ``torch.optim.SGD``. ``momentum=0`` is PSI-SGD
+            (eq. 10), ``momentum>0`` PSI-SGDM (Algorithm 1).
+        weight_decay: L2 coefficient. It applies to non-psi groups; psi groups get 0 unless the
+            group sets its own ``weight_decay``. On a psi group it adds ``lambda w`` to the
+            gradient before the ``||w||^2`` scaling: the loss is then no longer scale-invariant
+            and Theorem 1 (equivariance under ``T_a``) no longer holds.
+        maximize: as in torch: the step is the one that minimizes ``-loss``, the gradient's sign
+            flipped before ``weight_decay`` adds ``lambda w`` (on psi groups as on the others).
+        foreach: multi-tensor path. ``None`` picks it on every device for every group (unless
+            ``fused`` or ``differentiable`` is set, where torch's choice stands); on the CPU it is
+            faster too, and torch's SGD gives the same bits on either path (tested).
+        differentiable, fused: torch's, honoured on plain groups. A psi group refuses either set
+            to True (its step is neither written for autograd nor fused): set them off on that group.
+        max_norm: the overflow safeguard of section 6.2. A neuron whose norm exceeds it is
+            divided by its norm, and so is its momentum buffer, which keeps Theorem 1 exact.
+            The norm is the one measured at the start of the step (it is needed there for
+            eq. 7), so the rescaling lands one step after the crossing; rescaling commutes
+            with the step (Theorem 1), so where it lands changes no class. ``None`` disables it.
+
+    A psi tensor without a gradient in a step (frozen, or unused) takes no step, as in torch, but
+    its rows still count in its neurons' norms: eq. 7's ``||w(i)||^2`` is the norm of the point,
+    the whole neuron, and the Riemannian gradient restricted to the tensors that move is
+    ``||w(i)||^2`` times their Euclidean gradient (the metric of eq. 6 is the Euclidean one times
+    a number per neuron, so dropping the frozen coordinates is the projection onto what moves).
+    Skipping the neuron set instead would throw away the gradients it has. The safeguard then
+    rescales only the tensors that step.
+
+    The step makes no host-device synchronisation and never writes ``.grad``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float | Tensor = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_norm: float | None = MAX_NORM,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if max_norm is not None and max_norm <= 0.0:
+            raise ValueError(f"Invalid max_norm: {max_norm} (a positive number, or None to disable)")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused, max_norm=max_norm, psi=False,
+        )
+        super().__init__(params, defaults)
+        if fused:  # torch's SGD's checks, in its order
+            self._need_device_dtype_check_for_fused = True
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler leaves the unscaling to a fused step (torch's SGD with ``fused=True``); psi groups
+        need unscaled gradients, so only an optimizer without them takes that road."""
+        return bool(self.defaults.get("fused")) and not any(g["psi"] for g in self.param_groups)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill what an optimizer pickled by an older psi (or torch's SGD) lacks, as torch's SGD does."""
+        super().__setstate__(state)
+        for key, value in _GROUP_DEFAULTS.items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's; a saved group that lacks a key (saved by an older psi, or by torch's SGD) takes
+        it from the group it replaces, so that a checkpoint keeps the layout this optimizer was built
+        with (a psi group stays psi, with its ``max_norm``). Load-state-dict pre hooks see the filled
+        dict. torch's SGD saves momentum buffers ``b`` (``w <- w - lr b``), a psi group reads Algorithm 1's
+        ``u``: an SGD checkpoint continues exactly on plain groups; on psi groups drop its ``state``."""
+        saved = state_dict.get("param_groups")
+        if isinstance(saved, list) and len(saved) == len(self.param_groups):
+            filled = [{**{k: v for k, v in own.items() if k not in ("params", "param_names")}, **group}
+                      for own, group in zip(self.param_groups, saved, strict=True)]
+            state_dict = {**state_dict, "param_groups": filled}
+        super().load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, but a psi group without its own ``weight_decay`` gets 0 (see class doc), and
+        a psi group refuses what its step cannot honour (complex tensors, ``fused``, ``differentiable``)."""
+        if param_group.get("psi", False):
+            param_group.setdefault("weight_decay", 0.0)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["psi"]:
+            _check_psi_group(group)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise ValueError(f"PSISGD: a psi group (psi=True) needs real floating-point tensors, got "
+                                     f"{p.dtype}: put such parameters in a plain group (psi=False), which is torch's SGD")
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    bufs: list[Tensor | None], neuron_sets: list[int], frozen: list[Tensor],
+                    frozen_sets: list[int]) -> bool:
+        """Append the group's tensors with a gradient to the lists of a :class:`_Gathered` (as torch's
+        SGD does) and label their neurons, continuing after the last label there: a 1-D tensor right
+        after a weight with as many neurons is its bias and shares its neurons, every other tensor has
+        its own. A psi tensor without a gradient goes to ``frozen`` with its label. The lists come as
+        separate arguments, as in torch's optimizers: given empty lists, ``torch.compile`` runs this
+        eagerly instead of tracing it. Returns whether a gradient is sparse."""
+        has_sparse_grad = False
+        momentum = group["momentum"] != 0
+        is_psi = group["psi"]
+        fused_check = group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True)
+        labels = [neuron_sets[-1] if neuron_sets else -1, frozen_sets[-1] if frozen_sets else -1]
+        label, last = max(labels), None
+        for p in group["params"]:
+            if not (last is not None and p.dim() == 1 and last.dim() > 1 and last.shape[0] == p.shape[0]):
+                label += 1
+            last = p
+            grad = p.grad
+            if grad is None:
+                if is_psi:
+                    frozen.append(p)
+                    frozen_sets.append(label)
+                continue
+            if fused_check:
+                _device_dtype_check_for_fused(p)
+                self._need_device_dtype_check_for_fused = fused_check = False
+            params.append(p)
+            grads.append(grad)
+            neuron_sets.append(label)
+            has_sparse_grad |= grad.is_sparse
+            if momentum:
+                state = self.state.get(p)
+                bufs.append(None if state is None else state.get("momentum_buffer"))
+        if has_sparse_grad and is_psi:
+            raise RuntimeError("PSISGD does not support sparse gradients in a psi group: put the tensor in a plain "
+                               "group (psi=False), which is torch's SGD and takes them")
+        return has_sparse_grad
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        """Perform one optimization step (``closure`` re-evaluates the loss, as in torch).
+
+        Psi groups with the same hyperparameters are stepped together in one multi-tensor
+        call (one group per layer is the usual layout, and a call per layer would cost a
+        Python round trip each); a psi group's tensors share their neurons: the norm of
+        neuron ``i`` is taken over row ``i`` of all of them (a weight and the bias that
+        scales with it: a 1-D tensor placed right after a weight with as many neurons).
+        Gradients are off during the step unless ``differentiable`` (torch's rule).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets: dict[tuple, _Gathered] = {}
+        for group in self.param_groups:
+            if group["psi"]:  # gathered into the bucket of its hyperparameters, stepped below
+                _check_psi_group(group)
+                bucket = buckets.get(key := _psi_hyper(group))
+                if bucket is None:
+                    bucket = buckets[key] = _Gathered([], [], [], [], [], [])
+                self._init_group(group, *bucket)
+                continue
+            gathered = _Gathered([], [], [], [], [], [])
+            has_sparse_grad = self._init_group(group, *gathered)
+            foreach, fused = group["foreach"], group["fused"]
+            if foreach is None and not fused:  # differentiable: torch's for-loop (foreach takes no tensor alpha)
+                foreach = not has_sparse_grad and not group["differentiable"]
+            _torch_sgd(gathered.params, gathered.grads, gathered.bufs, weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
+                       foreach=foreach, fused=fused, grad_scale=getattr(self, "grad_scale", None),
+                       found_inf=getattr(self, "found_inf", None))
+            self._store(gathered.params, gathered.bufs)
+        for key, bucket in buckets.items():
+            hyper = dict(zip(_PSI_KEYS, key, strict=True))
+            created = bucket.bufs and any(b is None for b in bucket.bufs)
+            with torch.no_grad():  # psi groups are never differentiable, even where the optimizer's default is
+                psi_sgd(bucket.params, bucket.grads, bucket.bufs, neuron_sets=bucket.neuron_sets,
+                        frozen=bucket.frozen, frozen_sets=bucket.frozen_sets, **hyper)
+            if created:
+                self._store(bucket.params, bucket.bufs)
+        return loss
+
+    def _store(self, params: list[Tensor], bufs: list[Tensor | None]) -> None:
+        for p, buf in zip(params, bufs):  # empty when there is no momentum
+            self.state[p]["momentum_buffer"] = buf
+
+
+def _check_psi_group(group: dict[str, Any]) -> None:
+    """Refuse, naming the setting and the way out, what a psi group's step cannot honour."""
+    for key, why in (("fused", "there is no fused PSI kernel; foreach=None or True is its multi-tensor path"),
+                     ("differentiable", "its step is not written for autograd through the update")):
+        if group[key]:
+            raise RuntimeError(f"PSISGD: {key}=True is not supported on a psi group (psi=True): {why}. Set "
+                               f"{key}=False on that group (e.g. {{'params': ..., 'psi': True, '{key}': False}}); "
+                               f"plain groups (psi=False) are torch's SGD and honour it")
+
+
+_PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach")
+
+
+def _psi_hyper(group: dict[str, Any]) -> tuple:
+    """The hyperparameters that decide whether psi groups can be stepped together (a plain
+    tuple: torch.compile traces it, where operator.itemgetter breaks the graph)."""
+    return tuple(group[k] for k in _PSI_KEYS)
+
+
+class PSIGD(PSISGD):
+    """PSI-GD (eq. 9): the same update as :class:`PSISGD`, named for its full-batch use.
+
+    The paper's PSI-GD and PSI-SGD differ only in the gradient they are given (the full batch
+    or a minibatch); the optimizer cannot tell the two apart, so this class only changes the
+    name. Feed it full-batch gradients (Theorem 2's setting).
+    """
+
+
+# In both paths below, with c = -lr ||w||^2 cap (per neuron) and cap the safeguard factor:
+#   u <- cap mu u + (1 - dampening) c g     (the first u is c g, as torch's first buffer is g)
+#   w <- cap w + u                          (nesterov: cap w + mu u + c g)
+# which is Algorithm 1 followed by the safeguard's rescaling of w and u (section 6.2).
+
+
