@@ -34,6 +34,9 @@ from torch.testing._internal.common_optimizers import (
 
 import psi
 
+# plain groups on purpose (bit-equal to torch SGD): psi's warning that they are SGD is expected here
+pytestmark = pytest.mark.filterwarnings("ignore::psi.core.psisgd.NoPsiGroupWarning")
+
 SGD_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.SGD)
 PSI_INFO = OptimizerInfo(
     psi.PSISGD,

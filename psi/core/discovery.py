@@ -63,14 +63,15 @@ that the tests and ``python -m psi.bench discovery`` compare with.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from psi.core.probe import Layer, find_layers
+from psi.core.probe import CANDIDATE_TYPES, Layer, _is_norm, find_layers
 
-__all__ = ["find_scale_invariant", "param_groups", "discover"]
+__all__ = ["find_scale_invariant", "param_groups", "discover", "NoScaleInvariantLayer"]
 
 
 def discover(model: nn.Module, example_input: Any, *, seed: int = 0, strategy: str = "group") -> list[Layer]:
@@ -93,12 +94,19 @@ def param_groups(model: nn.Module, example_input: Any = None, *, found: Sequence
     """Optimizer groups: one ``{'params': [weight] or [weight, bias], 'psi': True, 'name': ...}``
     per scale-invariant layer that is not frozen (the bias is in it only when it must scale with the
     weight), then ``{'params': <every other parameter>, 'psi': False}``. The layers are ``found``
-    (from :func:`discover`) when given, else discovered on ``example_input``. ``hyper``
-    (``lr=...``, ``weight_decay=...``) is copied into every group."""
+    (from :func:`discover`) when given, else discovered on ``example_input``. ``hyper`` (``lr=...``) is
+    copied into every group, except ``weight_decay``: it goes to the plain group only, as
+    ``PSISGD(weight_decay=...)`` means it (L2 on a psi group makes the loss depend on the neurons'
+    scales, and Theorem 1 no longer holds; to want it anyway, set the psi group's own ``weight_decay``).
+    Finding no scale-invariant layer warns (:class:`NoScaleInvariantLayer`), naming what was looked at:
+    the groups are then one plain group, and PSISGD is torch's SGD."""
     if found is None:
         if example_input is None:
             raise TypeError("param_groups needs example_input (a batch to discover the layers on) or found=")
         found = discover(model, example_input, seed=seed)
+    if not found:
+        _warn_none_found(model)
+    psi_hyper = {k: v for k, v in hyper.items() if k != "weight_decay"}
     modules = dict(model.named_modules())
     groups, taken = [], set()
     for layer in found:
@@ -106,7 +114,7 @@ def param_groups(model: nn.Module, example_input: Any = None, *, found: Sequence
         if not m.weight.requires_grad:  # frozen: nothing to optimize
             continue
         params = [m.weight] + ([m.bias] if layer.with_bias else [])
-        groups.append({"params": params, "psi": True, "name": layer.name, **hyper})
+        groups.append({"params": params, "psi": True, "name": layer.name, **psi_hyper})
         taken.update(id(p) for p in params)
     rest, seen = [], set()
     for p in model.parameters():
@@ -115,3 +123,17 @@ def param_groups(model: nn.Module, example_input: Any = None, *, found: Sequence
             seen.add(id(p))
     groups.append({"params": rest, "psi": False, **hyper})
     return groups
+
+
+class NoScaleInvariantLayer(UserWarning):
+    """:func:`param_groups` found no scale-invariant layer: every parameter is in the plain group."""
+
+
+def _warn_none_found(model: nn.Module) -> None:
+    layers = [n for n, m in model.named_modules() if isinstance(m, CANDIDATE_TYPES)]
+    norms = sorted({type(m).__name__ for m in model.modules() if _is_norm(m)})
+    warnings.warn(f"param_groups found no scale-invariant layer in {type(model).__name__}: of its {len(layers)} "
+                  f"Linear/Conv layer(s), none is followed by a normalization that makes its neurons' scale "
+                  f"irrelevant (normalizations in the model: {', '.join(norms) or 'none'}). Every parameter is in "
+                  f"the plain group, so PSISGD on these groups is torch.optim.SGD.", NoScaleInvariantLayer,
+                  stacklevel=3)

@@ -19,6 +19,7 @@ The constructor is ``torch.optim.SGD``'s (same order, defaults, validation and e
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from psi.core.functional import psi_sgd
 
-__all__ = ["PSISGD", "PSIGD", "MAX_NORM"]
+__all__ = ["NoPsiGroupWarning", "PSISGD", "PSIGD", "MAX_NORM"]
 
 # The overflow safeguard of section 6.2 (p. 1135): "we normalize the PSI weights w(i) if ||w(i)|| is
 # larger than 10000 during training". The default of PSISGD, psi.engine.optimizers and psi.engine.config.Config.
@@ -136,6 +137,7 @@ class PSISGD(Optimizer):
             fused=fused, max_norm=max_norm, psi=False,
         )
         super().__init__(params, defaults)
+        _warn_if_plain(self.param_groups)
         if fused:  # torch's SGD's checks, in its order
             self._need_device_dtype_check_for_fused = True
             if differentiable:
@@ -272,6 +274,27 @@ class PSISGD(Optimizer):
     def _store(self, params: list[Tensor], bufs: list[Tensor | None]) -> None:
         for p, buf in zip(params, bufs):  # empty when there is no momentum
             self.state[p]["momentum_buffer"] = buf
+
+
+class NoPsiGroupWarning(UserWarning):
+    """PSISGD was given no ``psi=True`` group: it is torch's SGD on every parameter."""
+
+
+_warned_plain = False
+
+
+def _warn_if_plain(groups: list[dict[str, Any]]) -> None:
+    """Warn once per process when no group is psi: ``PSISGD(model.parameters())`` silently being SGD is the
+    mistake this catches (the groups come from :func:`psi.param_groups`)."""
+    global _warned_plain
+    if _warned_plain or any(g["psi"] for g in groups):
+        return
+    _warned_plain = True
+    n = sum(len(g["params"]) for g in groups)
+    warnings.warn(f"PSISGD got {len(groups)} parameter group(s) of {n} tensor(s), none with psi=True: every "
+                  f"parameter takes torch.optim.SGD's update. Build the groups with psi.param_groups(model, "
+                  f"example_input) (or add psi groups with add_param_group); this warning is shown once.",
+                  NoPsiGroupWarning, stacklevel=3)
 
 
 def _check_psi_group(group: dict[str, Any]) -> None:
