@@ -4,10 +4,11 @@ torch picks its CPU kernels by the instruction set the CPU has: ATen's vectorize
 (``ATEN_CPU_CAPABILITY``: default, avx2, avx512) and oneDNN's convolutions (``ONEDNN_MAX_CPU_ISA``)
 take AVX-512 where it exists, and sum in another order than under AVX2: the same command gives
 other numbers on an AVX-512 machine than on an AVX2 one (SGD, seed 0 of the quick profile: 23.07
-against 23.59). Pinned to AVX2 (:data:`PIN`), the issue's AVX-512 machine gave the AVX2 machine's
-numbers to the last digit; this project's Intel Xeon (AVX-512) did not (22.99 pinned, 23.43 not,
-against 23.59): the pin removes one cause, not every one (oneDNN's blocking follows the caches,
-MKL its own dispatch), and tests/test_kernels.py reports on every machine whether it held.
+against 23.59). Pinned to AVX2 (:data:`PIN`), an AMD EPYC with AVX-512 (Zen 4) gives the AVX2 EPYC's
+numbers to the last digit (23.59, measured with the layered code of issue 17); an Intel Xeon with
+AVX-512 does not (22.99 pinned, 23.43 not): the pin removes the instruction set as a cause, not every
+cause (MKL dispatches by vendor on its own, oneDNN's blocking follows the caches), and
+tests/test_kernels.py checks the bits per CPU model (tests/data/pinned_run.json).
 Besides the instruction set, the thread count (how reductions are split) and torch's version decide
 the bits; :func:`record` writes them all down, and every run keeps it in its ``config.json``
 and ``summary.json``.
