@@ -1,31 +1,8 @@
-"""One CIFAR training run, or a sweep of them, with a run folder that survives crashes.
-
-    python -m psi.train --dataset cifar10 --model resnet20 --optimizer psi-sgdm --epochs 200 \\
-        --seed 0 --data-dir DIR --out runs [--subset 5000] [--device cuda]
-    torchrun --nproc_per_node 2 -m psi.train ... --device cuda   (data-parallel; SyncBatchNorm on CUDA)
-    python -m psi.train --model resnet20 resnet32 --optimizer sgd psi-sgdm --seed 0 1 2 --shard 2/4
-
-A run folder ``<out>/<dataset>-<model>-<optimizer>-s<seed>-<hash>`` (the hash is of the whole
-resolved config and the device kind: results are keyed by it) holds ``config.json`` (what ran,
-defaults resolved, with the ``setting`` and every optimizer group's hyperparameters as the
-optimizer read them: :func:`psi.engine.optimizers.describe`), ``metrics.jsonl`` (one JSON object per
-epoch), ``checkpoint.pt`` (written atomically after every epoch) and, once finished,
-``summary.json``. Running the same command
-again resumes from the checkpoint; a finished run is not run again. Faults lose nothing: a write killed
-at any point leaves the previous file whole; a full disk raises :class:`DiskFull`; a folder made with
-other settings :class:`ConfigMismatch`; a NaN loss :class:`TrainingDiverged` naming epoch and step;
-SIGTERM checkpoints the step reached and exits with :data:`PREEMPTED_EXIT` (143) to be resumed there.
-One process at a time works in a run folder (an ``flock`` on ``.lock``, released by the kernel even on ``kill -9``): a second
-one is refused with :class:`RunLocked`, naming the holder.
-
-What a resume gives: on the CPU, and on CUDA with ``--deterministic``, exactly the result an
-uninterrupted run gives (the batches of epoch ``e`` depend only on the seed and ``e``; model,
-optimizer, loss scale and RNG come back from the checkpoint). On CUDA without it, cuDNN's
-algorithm choice and atomic-add kernels make every run, resumed or not, differ in the last bits.
-
-GPU defaults (each can be switched off): bf16 autocast, channels-last, ``cudnn.benchmark``, a
-compiled model and (for SGD and PSI-SGD(M)) a compiled optimizer step with the learning rate held
-as a tensor, so that a schedule changes a value and never recompiles. On the CPU all are off.
+"""One training run, composed of named steps (:func:`run`: the devices and processes, the run folder and
+its lock, the data and loaders, the model and optimizer, the epochs, the summary), and a sweep of runs
+(:func:`sweep`, this shard's share). What a run folder holds, what a resume gives and the GPU defaults:
+:mod:`psi.train`, the command line, whose help this is. Faults: :mod:`psi.engine.files` (a full disk),
+:mod:`psi.engine.rundir` (the lock, other settings), :mod:`psi.engine.stop` (NaN, SIGTERM).
 """
 
 from __future__ import annotations
@@ -36,7 +13,8 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +98,68 @@ def _finished(out: Path, rank: int, world: int) -> dict[str, Any] | None:
     return from_rank0(json.loads(path.read_text()) if rank == 0 and path.is_file() else None, world)
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share once it is set up."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    dataset: Dataset | FileDataset
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    train: BatchLoader | ImageLoader
+    evaluation: BatchLoader | ImageLoader
+    eval_name: str
+    scaler: torch.amp.GradScaler | None = None
+    net: nn.Module | None = None  # the model as it trains: under DDP, compiled
+    step: Callable[[], Any] | None = None  # the optimizer's step, compiled or not
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def show(self) -> bool:
+        return self.cfg.progress and self.rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def save(self, epoch: int, part: Partial | None = None) -> None:
+        """The checkpoint after ``epoch`` (and how far the next got), written by rank 0 all or nothing."""
+        if self.rank == 0:
+            state = checkpoint_state(self.model, self.opt, self.scaler, epoch, self.device, self.cfg, part)
+            atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+
+
 def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
            dataset: Dataset | None) -> dict[str, Any]:
     set_determinism(cfg, device)
     torch.manual_seed(cfg.seed)
+    r = _set_up(cfg, device, rank, world, out, dataset)
+    _write_config(r)
+    start, resumed = _resume(r)
+    _wrap(r)
+    _epochs(r, start, resumed)
+    return _finish(r)
+
+
+def _set_up(cfg: Config, device: torch.device, rank: int, world: int, out: Path, dataset: Dataset | None) -> _Run:
+    """The data and its loaders, the model on its device and its optimizer (the groups found on a few
+    training images)."""
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir)
     train, evaluation, eval_name = _loaders(cfg, ds, device, rank, world)
     if isinstance(train, ImageLoader) and rank == 0 and cfg.progress:
         print(f"{out.name}: {len(train.files)} training images from {ds.source}, decoder {train.decoder}, "
               f"{train.workers} worker(s) per process, {cfg.image_size}px crops", file=sys.stderr)
-
     model = build_model(cfg.model, ds.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -138,87 +168,99 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     else:
         example = next(iter(train.epoch(0)))[0][:discovery_examples(32)]
     opt = optimizer_for(cfg, model, example)
-    # what ran: the config, every group's hyperparameters as the optimizer reads them, the CPU kernels
-    record = {**asdict(cfg), "device_kind": device.type, "world_size": world, "groups": describe(opt),
+    return _Run(cfg, device, rank, world, out, ds, model, opt, train, evaluation, eval_name)
+
+
+def _write_config(r: _Run) -> None:
+    """``config.json``: the config, every group's hyperparameters as the optimizer reads them, the CPU
+    kernels; a folder whose checkpoint was made with other settings is refused first."""
+    record = {**asdict(r.cfg), "device_kind": r.device.type, "world_size": r.world, "groups": describe(r.opt),
               "kernels": kernels.record()}
-    ckpt_path = out / "checkpoint.pt"
-    if rank == 0:
-        clear_stale_temps(out)
-        if ckpt_path.is_file():
-            check_same_config(out, record)
-        write_json(out / "config.json", record)
-    for g in opt.param_groups:
+    if r.rank == 0:
+        clear_stale_temps(r.out)
+        if r.ckpt_path.is_file():
+            check_same_config(r.out, record)
+        write_json(r.out / "config.json", record)
+
+
+def _resume(r: _Run) -> tuple[int, dict[str, Any] | None]:
+    """The schedule's base rates, the loss scaler, and the state of the checkpoint if there is one: the
+    epoch to start from and how far into it a stopped run got; the metrics trimmed to the checkpoint's."""
+    for g in r.opt.param_groups:
         g["initial_lr"] = g["lr"]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    r.scaler = torch.amp.GradScaler(r.device.type, enabled=r.cfg.amp == "fp16")
     start, resumed = 0, None
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        start = restore_checkpoint(ck, model, opt, scaler, device, ckpt_path)
+    if r.ckpt_path.is_file():
+        ck = load_checkpoint(r.ckpt_path)
+        start = restore_checkpoint(ck, r.model, r.opt, r.scaler, r.device, r.ckpt_path)
         resumed = ck.get("partial")
-        for g in opt.param_groups:  # a compiled run saved a tensor lr; an eager step would read it each step
+        for g in r.opt.param_groups:  # a compiled run saved a tensor lr; an eager step would read it each step
             g["lr"] = float(g["lr"])
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:  # keep exactly the epochs the checkpoint holds
-        atomic_write(metrics_path, lambda f: f.write(kept_metrics(metrics_path, start).encode()))
+    if r.rank == 0:  # keep exactly the epochs the checkpoint holds
+        atomic_write(r.metrics_path, lambda f: f.write(kept_metrics(r.metrics_path, start).encode()))
+    return start, resumed
 
-    net: nn.Module = model
-    if world > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if device.type == "cuda" else net
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    step = opt.step
-    if cfg.compile:
+
+def _wrap(r: _Run) -> None:
+    """The model as it trains (DDP with SyncBatchNorm on CUDA across processes; compiled) and the step
+    (compiled with a tensor learning rate, so that the schedule fills it and never recompiles)."""
+    net: nn.Module = r.model
+    if r.world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if r.device.type == "cuda" else net
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    r.step = r.opt.step
+    if r.cfg.compile:
         net = torch.compile(net)
-        if cfg.optimizer in COMPILED_STEP and cfg.amp != "fp16":  # GradScaler steps the optimizer itself
-            for g in opt.param_groups:  # a tensor: the schedule fills it, the compiled step never recompiles
+        if r.cfg.optimizer in COMPILED_STEP and r.cfg.amp != "fp16":  # GradScaler steps the optimizer itself
+            for g in r.opt.param_groups:
                 g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)
-            step = torch.compile(opt.step)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+            r.step = torch.compile(r.opt.step)
+    r.net = net
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
 
-    def save(epoch: int, part: Partial | None = None) -> None:
-        if rank == 0:
-            state = checkpoint_state(model, opt, scaler, epoch, device, cfg, part)
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
-
-    show = cfg.progress and rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
-    with Stop(world, device) as stop:
+def _epochs(r: _Run, start: int, resumed: dict[str, Any] | None) -> None:
+    """The epochs from ``start``: each trained, its row written, checkpointed; SIGTERM (mid-epoch or at
+    its end, agreed by every process) checkpoints where it stopped and raises :class:`Preempted`."""
+    cfg, out = r.cfg, r.out
+    with Stop(r.world, r.device) as stop:
         for epoch in range(start, cfg.epochs):
-            part = Partial(epoch, len(train), device)
+            part = Partial(epoch, len(r.train), r.device)
             if resumed is not None and resumed["epoch"] == epoch:  # the sums over the processes go to rank 0
-                sums = ("loss_sum", "correct", "losses") if rank else ()
-                part = Partial(epoch, len(train), device, **{k: v for k, v in resumed.items()
-                                                              if k != "epoch" and k not in sums})
+                sums = ("loss_sum", "correct", "losses") if r.rank else ()
+                part = Partial(epoch, len(r.train), r.device, **{k: v for k, v in resumed.items()
+                                                                  if k != "epoch" and k not in sums})
             t0 = time.perf_counter()
-            train_epoch(cfg, net, opt, step, scaler, train, epoch, autocast, show, out.name, part, stop)
+            train_epoch(cfg, r.net, r.opt, r.step, r.scaler, r.train, epoch, r.autocast, r.show, out.name, part, stop)
             part.seconds += time.perf_counter() - t0
             if part.step < part.steps:  # SIGTERM: this epoch's steps so far, checkpointed, and out
-                for t in (part.loss_sum, part.correct, part.losses) if world > 1 else ():
+                for t in (part.loss_sum, part.correct, part.losses) if r.world > 1 else ():
                     torch.distributed.all_reduce(t)  # what every process has added up, in rank 0's checkpoint
-                save(epoch - 1, part)
+                r.save(epoch - 1, part)
                 raise Preempted(f"{out.name}: stopped by SIGTERM at step {part.step} of {part.steps} in epoch "
-                                f"{epoch + 1}; a checkpoint of that step is in {ckpt_path}. Run the same command "
+                                f"{epoch + 1}; a checkpoint of that step is in {r.ckpt_path}. Run the same command "
                                 f"again to resume from it.")
-            row = epoch_row(cfg, epoch, start, part, rank, world, model, opt, evaluation, eval_name, autocast, out)
-            if rank == 0:
-                append_line(metrics_path, json.dumps(row))
-            save(epoch)
-            if show:
-                acc = row[f"{eval_name}_acc"]
-                acc_text = "" if acc is None else f", {eval_name} acc {acc:.4f}"
+            row = epoch_row(cfg, epoch, start, part, r.rank, r.world, r.model, r.opt, r.evaluation, r.eval_name,
+                            r.autocast, out)
+            if r.rank == 0:
+                append_line(r.metrics_path, json.dumps(row))
+            r.save(epoch)
+            if r.show:
+                acc = row[f"{r.eval_name}_acc"]
+                acc_text = "" if acc is None else f", {r.eval_name} acc {acc:.4f}"
                 print(f"{out.name} epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}{acc_text}, "
                       f"{part.seconds:.1f}s", file=sys.stderr)
             if epoch < cfg.epochs - 1 and stop.asked(0):  # every process of the run agrees
                 raise Preempted(f"{out.name}: stopped by SIGTERM after epoch {epoch + 1}, checkpointed in "
-                                f"{ckpt_path}. Run the same command again to resume from it.")
-    if world > 1:  # every rank reads the metrics rank 0 has written, all of them
+                                f"{r.ckpt_path}. Run the same command again to resume from it.")
+
+
+def _finish(r: _Run) -> dict[str, Any]:
+    """``summary.json``, from the metrics rank 0 wrote (every rank waits for all of them first)."""
+    if r.world > 1:
         torch.distributed.barrier()
-    summary = _summary(cfg, device, world, ds, metrics_path, eval_name)
-    if rank == 0:
-        write_json(out / "summary.json", summary)
+    summary = _summary(r.cfg, r.device, r.world, r.dataset, r.metrics_path, r.eval_name)
+    if r.rank == 0:
+        write_json(r.out / "summary.json", summary)
     return json.loads(json.dumps(summary))  # as it reads back from summary.json
 
 
