@@ -7,10 +7,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import types
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -635,3 +638,51 @@ def test_the_gpu_path_decodes_on_its_own_stream_that_training_then_waits_for(jpe
     batches = list(loader.epoch(0))
     assert len(batches) == 4
     assert log == ["side.synchronize", "decode on side", "main.wait_stream(side)", "record_stream(main)"] * 4
+
+
+def _marked(mark: str) -> list[int]:
+    """The live processes whose environment holds ``mark`` (a run's fork server and workers inherit it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if mark.encode() in (d / "environ").read_bytes() and (d / "stat").read_text().split()[2] != "Z":
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_decoding_workers_end_when_their_run_is_killed(tree, tmp_path):
+    """The workers come from a fork server, so torch's own check (is my parent alive?) watches the server,
+    and the server lives while a worker holds its pipe: after kill -9 of the run both lived on for ever
+    (225 MB each, found after this suite's kill -9 tests). They must end within seconds."""
+    mark = f"PSI_TEST_RUN={uuid.uuid4().hex}"
+    script = f"""
+import sys
+from psi.engine.imageloader import ImageLoader
+from psi.engine.loaders import load_dataset
+ds = load_dataset("imagefolder", {str(tree)!r})
+loader = ImageLoader(ds.train_files, ds.train_y, ds.mean, ds.std, 8, train=True, image_size=16, workers=2)
+for x, y in loader.epoch(0):
+    print("batch", flush=True)
+    sys.stdin.readline()  # held here, workers alive, until the test kills this process
+"""
+    name, value = mark.split("=")
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True, env={**env(), name: value})
+    try:
+        assert run.stdout.readline().strip() == "batch"
+        assert len(_marked(mark)) >= 4  # the run, the fork server, two workers
+        run.kill()
+        run.wait()
+        for _ in range(300):  # every worker checks each second; a generous bound, not a timing assertion
+            if not _marked(mark):
+                break
+            time.sleep(0.1)
+        assert _marked(mark) == [], "decoding workers outlived their run"
+    finally:
+        run.kill()
+        for pid in _marked(mark):
+            os.kill(pid, signal.SIGKILL)

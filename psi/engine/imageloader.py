@@ -8,6 +8,9 @@ import functools
 import io
 import math
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -125,8 +128,23 @@ class _Batches(torch.utils.data.Dataset):
                 torch.tensor(flips, dtype=torch.bool), torch.tensor(on_gpu, dtype=torch.bool), decoded)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(trainer_pid: int, _: int) -> None:
     torch.set_num_threads(1)  # the workers decode with PIL; torch's threads would only compete
+    threading.Thread(target=_exit_with, args=(trainer_pid,), daemon=True, name="psi-exit-with-trainer").start()
+
+
+def _exit_with(trainer_pid: int, every: float = 1.0) -> None:
+    """End this worker when the training process is gone. torch's workers watch their parent, which
+    under the fork server is the server, not the trainer; and the server lives while a worker holds
+    its pipe: after a ``kill -9`` of the trainer both would live on for ever, without this."""
+    while True:
+        time.sleep(every)
+        try:
+            os.kill(trainer_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # a process of another user took the pid: ours is gone
+            os._exit(0)
 
 
 @functools.cache
@@ -221,7 +239,8 @@ class ImageLoader:
         items = _Batches(self.files, self.labels, slices, train=self.train, seed=self.seed, epoch=epoch,
                          size=self.image_size, raw=raw, draft=self.draft)
         loader = torch.utils.data.DataLoader(
-            items, batch_size=None, shuffle=False, num_workers=self.workers, worker_init_fn=_worker_init,
+            items, batch_size=None, shuffle=False, num_workers=self.workers,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
             multiprocessing_context=_worker_context() if self.workers else None,
             pin_memory=self.device.type == "cuda" and not raw, prefetch_factor=4 if self.workers else None)
         for item in loader:
