@@ -70,7 +70,7 @@ while [ $# -gt 0 ]; do
 done
 case "$profile" in smoke|quick|paper|imagenet) ;; *) echo "run_all.sh: --profile must be smoke, quick, paper or imagenet, not '$profile'" >&2; exit 2 ;; esac
 case "$cpu_isa" in avx2|native) ;; *) echo "run_all.sh: --cpu-isa must be avx2 or native, not '$cpu_isa'" >&2; exit 2 ;; esac
-# The CPU kernels (psi.kernels; README, "The CPU kernels"): torch reads both variables when it first runs a
+# The CPU kernels (psi.engine.kernels; docs/cpu-study.md): torch reads both variables when it first runs a
 # kernel, so they are set here, before any process imports torch; psi.grid, papermill and every notebook's
 # kernel inherit them.
 if [ "$cpu_isa" = native ]; then

@@ -508,7 +508,7 @@ def test_default_workers_share_the_cpus(monkeypatch):
 
 
 def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, tmp_path):
-    """The multi-machine command of the README (torchrun --nnodes 2 --rdzv-backend c10d), both "nodes" on
+    """The multi-machine command of docs/imagenet.md (torchrun --nnodes 2 --rdzv-backend c10d), both "nodes" on
     this machine, one process each, sharing the run folder: one process's results (BN per half)."""
     args = _args(tree, "--epochs", "1", "--optimizer", "psi-sgd")
     with rendezvous_store() as rdzv:

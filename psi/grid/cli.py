@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--cpu-isa", default="avx2", choices=list(kernels.CPU_ISAS),
                        help="avx2 (default): the smoke and quick profiles train under torch's AVX2 kernels on x86-64 "
                             "(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), so their results are the same to "
-                            "the bit on any x86-64 machine (README, \"The CPU kernels\"); native: the CPU's best "
+                            "the bit on any x86-64 machine (docs/cpu-study.md); native: the CPU's best "
                             "(AVX-512 where it has it: faster, other last bits)")
     study.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help=f"a study setting of notebook 04 over the profile's, e.g. --set 'models=[\"resnet20\"]' "

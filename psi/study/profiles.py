@@ -54,7 +54,7 @@ PAPER_GRIDS = {"sgd": [0.01, 0.1, 1.0], "adam": [1e-4, 1e-3, 1e-2]}
 # learning-rate grid adds the setting "tuned", chosen on val_size held-out training images by runs
 # on select_subset of the others (None: the study's subset), one seed, extending a grid past its
 # edge at most lr_extend times. eval_every: evaluate after every k-th epoch (0: the last only).
-# The quick profile's design (images x epochs, seeds) was chosen by measured spread: README,
+# The quick profile's design (images x epochs, seeds) was chosen by measured spread: docs/cpu-study.md,
 # "Choosing the CPU study's design" (python -m psi.study.design).
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(dataset="synthetic", models=["smallcnn"], optimizers=["sgd", "psi-sgd", "psi-sgdm"], seeds=[0, 1],
