@@ -141,9 +141,7 @@ def _exit_with(trainer_pid: int, every: float = 1.0) -> None:
         time.sleep(every)
         try:
             os.kill(trainer_pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # a process of another user took the pid: ours is gone
+        except (ProcessLookupError, PermissionError):  # gone, or its pid now another user's process
             os._exit(0)
 
 

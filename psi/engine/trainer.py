@@ -8,6 +8,7 @@ its lock, the data and loaders, the model and optimizer, the epochs, the summary
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -129,8 +130,13 @@ class _Run:
     def show(self) -> bool:
         return self.cfg.progress and self.rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
 
+    @functools.cached_property
+    def _amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        """Every step's autocast context (the dtype looked up once per run, not per step)."""
+        dtype = self._amp_dtype
         return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def save(self, epoch: int, part: Partial | None = None) -> None:
