@@ -505,13 +505,16 @@ def test_psi_groups_refuse_fused_differentiable_complex_sparse() -> None:
     """What a psi group cannot honour raises, naming the setting and the way out; the same settings on
     the plain group of the same optimizer are honoured (fused: the plain group steps as SGD's fused)."""
     w, c = _tensors()[0], _tensors()[3]
-    for key in ("fused", "differentiable"):
-        with pytest.raises(RuntimeError, match=f"{key}=True is not supported on a psi group.*{key}=False"):
-            psi.PSISGD([{"params": [w], "psi": True}], lr=0.1, **{key: True})
-    opt = psi.PSISGD([{"params": [w], "psi": True, "fused": False}, {"params": [c]}], lr=0.1, fused=True)
-    opt.param_groups[0]["fused"] = True  # set after construction: refused at the step
+    key = "differentiable"  # fused=True on a psi group is its flat path (tests/test_flat.py)
+    with pytest.raises(RuntimeError, match=f"{key}=True is not supported on a psi group.*{key}=False"):
+        psi.PSISGD([{"params": [w], "psi": True}], lr=0.1, **{key: True})
+    opt = psi.PSISGD([{"params": [w], "psi": True, "differentiable": False}, {"params": [c]}], lr=0.1)
+    opt.param_groups[0]["differentiable"] = True  # set after construction: refused at the step
     w.grad = torch.ones_like(w)
-    with pytest.raises(RuntimeError, match="fused=True is not supported on a psi group"):
+    with pytest.raises(RuntimeError, match="differentiable=True is not supported on a psi group"):
+        opt.step()
+    opt.param_groups[0].update(differentiable=False, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         opt.step()
     # differentiable=True on the optimizer, off on its psi group: the plain group is differentiated through
     w0 = torch.randn(3, dtype=torch.float64, requires_grad=True)

@@ -368,6 +368,29 @@ def test_the_compiled_optimizer_steps_trace_in_one_graph(name):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["sgd", "psi-sgd", "psi-sgdm"])
+def test_the_compiled_step_has_no_break_under_channels_last(name, layout):
+    """Issue 19, item 1: channels-last is CUDA's default layout (Config.channels_last), and the safeguard
+    is on by default. An ``addcmul(..., out=w)`` of a channels-last w broke PSI-SGDM's graph in two (its
+    whole momentum update then ran eagerly); the step writes through a foreach copy instead."""
+    from psi.engine.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    m = models.resnet20()
+    if layout == "channels_last":
+        m = m.to(memory_format=torch.channels_last)
+    opt = build_optimizer(name, m, torch.randn(2, 3, 32, 32))
+    assert all(g.get("max_norm") for g in opt.param_groups if g.get("psi"))
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    explained = torch._dynamo.explain(opt.step)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_compiled_engine_does_not_recompile_across_epochs_or_lr_changes(tmp_path, ds, monkeypatch):
     """Model and optimizer step compiled; a cosine schedule changes the learning rate at every
     step; after the first (warm-up) epoch nothing new is compiled."""

@@ -367,7 +367,8 @@ def test_benchmark_runs_and_prints_ratios(capsys):
             break
         ms, ratio = ln[32:].split()  # name in a 30-wide column after two spaces: it holds spaces itself
         rows[ln[2:32].strip()] = (float(ms), float(ratio))
-    expected = {"torch SGD (foreach)", "psi.PSISGD", "psi.PSISGD (foreach=False)"}
+    expected = {"torch SGD (foreach)", "torch Adam (foreach)", "torch Adam (fused)", "psi.PSISGD (flat, default)",
+                "psi.PSISGD (fused=False)", "psi.PSISGD (foreach=False)"}
     expected |= {name for name, module in (("adamp.SGDP", "adamp"), ("geoopt.RiemannianSGD", "geoopt"))
                  if importlib.util.find_spec(module) is not None}  # in requirements.txt; context when installed
     assert set(rows) == expected

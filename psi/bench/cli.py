@@ -8,14 +8,17 @@
     python -m psi.bench loader    (see psi.bench.loader: image folders, decoding against training)
 
 ``optimizer``: the cost of one ``step()`` on a network's parameters, gradients set at random
-(the step does not look at where they came from), one thread on the CPU. ``psi.PSISGD``
-(momentum 0.9, groups from :func:`psi.param_groups`) against ``torch.optim.SGD(momentum=0.9,
-foreach=True)``; eager and under ``torch.compile``; with SGDP (``adamp``) and geoopt's
+(the step does not look at where they came from), one thread on the CPU, each contender on its own
+copy of the network. ``psi.PSISGD`` (momentum 0.9, groups from :func:`psi.param_groups`) on its
+flat path (the default), its per-tensor reference (``fused=False``) and its for-loop
+(``foreach=False``), against ``torch.optim.SGD(momentum=0.9, foreach=True)`` and torch's Adam
+(foreach, fused); eager and under ``torch.compile``; with SGDP (``adamp``) and geoopt's
 RiemannianSGD for context when they are installed. Timings are medians over interleaved
 rounds, so a slow moment of the machine hits every contender alike.
 
 ``ops``: what one ``opt.step()`` of every optimizer of :func:`psi.engine.optimizers.build_optimizer`
-dispatches on ResNet-56 (by default), counted with :class:`psi.bench.opcount.OpCounter` after two
+(and of PSI-SGD(M)'s per-tensor path and torch's Adam on every tensor, foreach and fused) dispatches
+on ResNet-56 (by default), counted with :class:`psi.bench.opcount.OpCounter` after two
 warm-up steps (the first creates the buffers), gradients from a backward pass: aten ops, host
 syncs, and an estimate of the GPU kernels (:class:`StepCounter`: views launch none, and a
 foreach op whose operands broadcast takes CUDA's slow path, a kernel per tensor), which is what

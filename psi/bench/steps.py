@@ -4,10 +4,12 @@ estimate of the GPU kernels (:class:`StepCounter`)."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,36 +22,50 @@ from psi.engine.optimizers import OPTIMIZERS, build_optimizer
 
 
 def _contenders(model: nn.Module, example: torch.Tensor, compile_: bool) -> dict[str, Callable[[], object]]:
-    params = list(model.parameters())
-    groups = psi.param_groups(model, example)
+    """Every contender's step, each on its own copy of ``model`` (PSISGD's flat path lays the parameters
+    out in buffers of its own: two optimizers on the same tensors would take them from each other)."""
     out: dict[str, Callable[[], object]] = {}
 
-    def add(name: str, opt: torch.optim.Optimizer, compiled: bool = False) -> None:
+    def add(name: str, make: Callable[[nn.Module], torch.optim.Optimizer], compiled: bool = False) -> None:
+        m = copy.deepcopy(model)
+        for p, q in zip(model.parameters(), m.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt = make(m)
         out[name] = torch.compile(opt.step) if compiled else opt.step
 
-    add("torch SGD (foreach)", torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True))
-    add("psi.PSISGD", psi.PSISGD(groups, lr=0.1, momentum=0.9))
-    add("psi.PSISGD (foreach=False)", psi.PSISGD(groups, lr=0.1, momentum=0.9, foreach=False))
+    def psi_(**kw: Any) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: psi.PSISGD(psi.param_groups(m, example), lr=0.1, momentum=0.9, **kw)
+
+    def sgd(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True)
+
+    add("torch SGD (foreach)", sgd)
+    add("torch Adam (foreach)", lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True))
+    add("torch Adam (fused)", lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, fused=True))
+    add("psi.PSISGD (flat, default)", psi_())
+    add("psi.PSISGD (fused=False)", psi_(fused=False))
+    add("psi.PSISGD (foreach=False)", psi_(foreach=False))
     if compile_:
-        add("torch SGD (compiled)", torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True), True)
-        add("psi.PSISGD (compiled)", psi.PSISGD(groups, lr=0.1, momentum=0.9), True)
+        add("torch SGD (compiled)", sgd, True)
+        add("psi.PSISGD (compiled)", psi_(), True)
     try:
         from adamp import SGDP
 
-        add("adamp.SGDP", SGDP(params, lr=0.1, momentum=0.9, nesterov=True))
+        add("adamp.SGDP", lambda m: SGDP(m.parameters(), lr=0.1, momentum=0.9, nesterov=True))
     except ImportError:
         pass
     try:
         import geoopt
 
-        add("geoopt.RiemannianSGD", geoopt.optim.RiemannianSGD(params, lr=0.1, momentum=0.9))
+        add("geoopt.RiemannianSGD", lambda m: geoopt.optim.RiemannianSGD(m.parameters(), lr=0.1, momentum=0.9))
     except ImportError:
         pass
     return out
 
 
 def bench_optimizer(model_name: str, steps: int, rounds: int, device: torch.device, compile_: bool) -> dict[str, float]:
-    """Median seconds per step of every contender on ``model_name``'s parameters."""
+    """Median seconds per step of every contender on ``model_name``'s parameters (the rounds interleave
+    the contenders, so that a machine's drift hits them alike)."""
     torch.manual_seed(0)
     model = build_model(model_name).to(device)
     example = torch.randn(4, 3, 32, 32, device=device)
@@ -135,6 +151,22 @@ class StepOps:
     groups: int
 
 
+# ``ops`` rows beside build_optimizer's: PSISGD's per-tensor reference path, torch's Adam on every tensor
+VARIANTS: dict[str, Callable[[nn.Module, Tensor], torch.optim.Optimizer]] = {
+    "psi-sgd (fused=False)": lambda m, x: _per_tensor(build_optimizer("psi-sgd", m, x)),
+    "psi-sgdm (fused=False)": lambda m, x: _per_tensor(build_optimizer("psi-sgdm", m, x)),
+    "torch adam (foreach)": lambda m, x: torch.optim.Adam(m.parameters(), foreach=True),
+    "torch adam (fused)": lambda m, x: torch.optim.Adam(m.parameters(), fused=True),
+}
+
+
+def _per_tensor(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    for g in opt.param_groups:
+        if g.get("psi"):
+            g["fused"] = False
+    return opt
+
+
 def step_ops(name: str, model_name: str, at: Iterable[int] = (3,), seed: int = 0) -> dict[int, StepOps]:
     """Count steps number ``at`` (1-based; the first creates the buffers) of optimizer ``name``
     on ``model_name``. The gradients come from a backward pass on a small random batch before
@@ -143,7 +175,7 @@ def step_ops(name: str, model_name: str, at: Iterable[int] = (3,), seed: int = 0
     torch.manual_seed(seed)
     model = build_model(model_name)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(10, (4,))  # the CIFAR models pool globally: 8x8 will do
-    opt = build_optimizer(name, model, x[:2])
+    opt = VARIANTS[name](model, x[:2]) if name in VARIANTS else build_optimizer(name, model, x[:2])
     out, wanted = {}, set(at)
     for step in range(1, max(wanted) + 1):
         if step == 1 or step in wanted:
@@ -165,11 +197,11 @@ def print_ops(models: list[str]) -> None:
           f"GPU kernels: an estimate (psi.bench.StepCounter: views launch none, a foreach op with broadcast\n"
           f"operands one per tensor)")
     for model_name in models:
-        counts = {name: step_ops(name, model_name)[3] for name in OPTIMIZERS}
+        counts = {name: step_ops(name, model_name)[3] for name in [*OPTIMIZERS, *VARIANTS]}
         n = sum(p.numel() for p in build_model(model_name).parameters())
         print(f"\n{model_name} ({n / 1e6:.2f}M parameters)")
-        print(f"  {'optimizer':<10} {'groups':>6} {'aten ops':>9} {'/ sgd':>7} {'host syncs':>11} {'GPU kernels':>12}")
+        print(f"  {'optimizer':<22} {'groups':>6} {'aten ops':>9} {'/ sgd':>7} {'host syncs':>11} {'GPU kernels':>12}")
         for name, c in counts.items():
             note = f"  (+{c.host_reads} .item() of Adam's step counters, kept on the CPU)" if c.host_reads else ""
-            print(f"  {name:<10} {c.groups:>6} {c.ops:>9} {c.ops / counts['sgd'].ops:>7.2f} {c.syncs:>11} "
+            print(f"  {name:<22} {c.groups:>6} {c.ops:>9} {c.ops / counts['sgd'].ops:>7.2f} {c.syncs:>11} "
                   f"{c.kernels:>12}{note}")

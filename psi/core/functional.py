@@ -75,11 +75,7 @@ def psi_sgd(
                               neuron_sets + [label for _, label in kept], len(params))
     elif neuron_sets is not None and len(set(neuron_sets)) < len(neuron_sets):  # some tensors share neurons
         flat_sq = _sum_shared(flat_sq, sizes, neuron_sets, len(params))
-    gcoef = flat_sq * (lr if maximize else -lr)
-    rows = [gcoef]
-    if max_norm is not None:
-        cap = torch.where(flat_sq > max_norm**2, flat_sq.rsqrt(), torch.ones_like(flat_sq))
-        rows = [gcoef * cap, cap, cap * momentum]
+    rows = coefficients(flat_sq, lr=lr, maximize=maximize, max_norm=max_norm, momentum=momentum)
     coefs = torch.stack(rows)
     cols: list[list[Tensor]] = [[] for _ in rows]
     start, offset = 0, 0
@@ -92,12 +88,37 @@ def psi_sgd(
         for col, c in zip(cols, block.unbind(0), strict=True):
             col.extend(c.split(sizes[start:end]))
         start, offset = end, offset + n
-    caps, mucaps = (cols[1], cols[2]) if max_norm is not None else (None, None)
+    caps = cols[1] if max_norm is not None else None
+    mucaps = cols[2] if len(cols) > 2 else None
     fn = _multi_tensor_psi_sgd if foreach else _single_tensor_psi_sgd
     fn(params, grads, us, cols[0], caps, mucaps, momentum=momentum, dampening=dampening, nesterov=nesterov)
     if us is not momentum_buffer_list:  # new buffers back to the caller's order
         for pos, i in enumerate(order):
             momentum_buffer_list[i] = us[pos]
+
+
+def is_bias_of(p: Tensor, last: Tensor | None) -> bool:
+    """Whether ``p``, placed right after ``last`` in its group, is ``last``'s bias: a 1-D tensor after a
+    weight with as many neurons (the two share their neurons)."""
+    return last is not None and p.dim() == 1 and last.dim() > 1 and last.shape[0] == p.shape[0]
+
+
+def coefficients(flat_sq: Tensor, *, lr: float | Tensor, maximize: bool, max_norm: float | None,
+                 momentum: float, one: Tensor | float = 1.0, out: list[Tensor] | None = None) -> list[Tensor]:
+    """The per-neuron factors of a step from the neurons' squared norms ``||w(i)||^2``: the
+    gradient's ``c = -lr ||w(i)||^2 cap`` (eq. 7, 10; ``+lr`` to maximize), and with the safeguard
+    on, ``cap`` (1, or ``1/||w(i)||`` past ``max_norm``, section 6.2) and, with momentum,
+    ``cap * momentum``. Both paths (per tensor and flat) take them from here, so they give the same
+    bits. ``one``: 1 as a tensor the caller keeps, ``out``: tensors the caller keeps for the three
+    (each split once, when laid out): the scalar and the splits would cost an op per step each."""
+    o = out or [None] * 3
+    scale = lr if maximize else -lr
+    if max_norm is None:
+        return [torch.mul(flat_sq, scale, out=o[0])]
+    gcoef = flat_sq * scale
+    big = flat_sq > max_norm**2
+    cap = torch.where(big, flat_sq.rsqrt(), one) if out is None else torch.where(big, flat_sq.rsqrt(), one, out=o[1])
+    return [torch.mul(gcoef, cap, out=o[0]), cap] + ([torch.mul(cap, momentum, out=o[2])] if momentum != 0 else [])
 
 
 def _sum_shared(flat_sq: Tensor, sizes: list[int], neuron_sets: list[int], n: int) -> Tensor:
@@ -108,6 +129,12 @@ def _sum_shared(flat_sq: Tensor, sizes: list[int], neuron_sets: list[int], n: in
     for label, v in zip(neuron_sets, parts, strict=True):
         total[label] = total[label] + v if label in total else v
     return torch.cat([total[label] for label in neuron_sets[:n]])
+
+
+# In both paths below, with c = -lr ||w||^2 cap (per neuron) and cap the safeguard factor:
+#   u <- cap mu u + (1 - dampening) c g     (the first u is c g, as torch's first buffer is g)
+#   w <- cap w + u                          (nesterov: cap w + mu u + c g)
+# which is Algorithm 1 followed by the safeguard's rescaling of w and u (section 6.2).
 
 
 def _single_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, dampening, nesterov) -> None:
@@ -125,11 +152,14 @@ def _single_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, 
         step = torch.addcmul(u * momentum, g, c) if nesterov else u
         if caps is None:
             w.add_(step)
-        else:
-            torch.addcmul(step, w, caps[i], out=w)
+        else:  # cap w + step, written back with copy_: an ``out=`` of a channels-last w breaks a compiled graph
+            w.copy_(torch.addcmul(step, w, caps[i]))
 
 
-def _multi_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, dampening, nesterov) -> None:
+def _multi_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, dampening, nesterov,
+                          contiguous: bool = False) -> None:
+    """``contiguous``: ``params`` are a few contiguous tensors, never traced (the flat path's classes): cap w
+    + step is written in place with ``out=``, which saves a pass and a temporary of every parameter."""
     if momentum == 0:
         if caps is not None:
             torch._foreach_mul_(params, caps)
@@ -150,6 +180,9 @@ def _multi_tensor_psi_sgd(params, grads, us, gcoef, caps, mucaps, *, momentum, d
         torch._foreach_addcmul_(steps, grads, gcoef)
     if caps is None:
         torch._foreach_add_(params, steps)
-    else:
+    elif contiguous:
         for w, s, c in zip(params, steps, caps, strict=True):
-            torch.addcmul(s, w, c, out=w)  # cap w + step in one pass
+            torch.addcmul(s, w, c, out=w)
+    else:  # cap w + step (one rounding of w cap, as addcmul has it), then copied back: an ``out=``
+        # of a non-contiguous (channels-last) w breaks a compiled graph, a foreach copy does not
+        torch._foreach_copy_(params, torch._foreach_addcmul(steps, params, caps))

@@ -29,7 +29,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 from torch.optim.sgd import sgd as _torch_sgd
 
-from psi.core.functional import psi_sgd
+from psi.core.flat import FlatBuffers, adopt_state, flat_psi_sgd, lay_out
+from psi.core.functional import is_bias_of, psi_sgd
 
 __all__ = ["NoPsiGroupWarning", "PSISGD", "PSIGD", "MAX_NORM"]
 
@@ -84,9 +85,14 @@ class PSISGD(Optimizer):
             flipped before ``weight_decay`` adds ``lambda w`` (on psi groups as on the others).
         foreach: multi-tensor path. ``None`` picks it on every device for every group (unless
             ``fused`` or ``differentiable`` is set, where torch's choice stands); on the CPU it is
-            faster too, and torch's SGD gives the same bits on either path (tested).
-        differentiable, fused: torch's, honoured on plain groups. A psi group refuses either set
-            to True (its step is neither written for autograd nor fused): set them off on that group.
+            faster too, and torch's SGD gives the same bits on either path (tested). On a psi
+            group ``foreach=False`` is the per-tensor for-loop (as ``fused=False``, one tensor at a time).
+        fused: on plain groups torch's (its fused SGD kernel where ``True``). On psi groups ``None``
+            (the default) and ``True`` take the flat path: the group's tensors become views of a few
+            flat buffers (see below) and the step is a fixed number of foreach ops whatever the
+            depth; ``fused=False`` keeps the per-tensor path, the reference it matches bit for bit.
+        differentiable: torch's, honoured on plain groups; a psi group refuses it (its step is not
+            written for autograd): set it off on that group.
         max_norm: the overflow safeguard of section 6.2. A neuron whose norm exceeds it is
             divided by its norm, and so is its momentum buffer, which keeps Theorem 1 exact.
             The norm is the one measured at the start of the step (it is needed there for
@@ -100,6 +106,23 @@ class PSISGD(Optimizer):
     a number per neuron, so dropping the frozen coordinates is the projection onto what moves).
     Skipping the neuron set instead would throw away the gradients it has. The safeguard then
     rescales only the tensors that step.
+
+    The flat path (psi groups, ``fused`` not ``False``): at its first step, the tensors of the psi
+    groups with the same settings are copied into flat buffers of one device and dtype and each
+    parameter's ``.data`` becomes a view of its place (as ``DistributedDataParallel``'s
+    ``gradient_as_bucket_view`` and FSDP's flat parameters do); the momentum buffers in the state
+    are views of the flat momentum. ``p.grad`` is not a view: the step copies the gradients into a
+    flat buffer of its own (one foreach copy) and never writes them. Before each step a host-side
+    check of data pointers finds parameters moved out of their buffers (``model.to()``,
+    ``.double()``, ``p.data = ...``) and lays the buffers out again from their new values. A step
+    in which some psi tensor of a bucket has no gradient, tensors of several devices or dtypes,
+    tensor subclasses (DTensor, FSDP's) or strides neither contiguous nor channels-last take the
+    per-tensor path (the reason in a one-time warning), which gives the same bits. Saving one
+    parameter alone (``torch.save(p)``) saves its whole flat buffer, as with any view; the state
+    dict of the optimizer and the model is per tensor, as with ``fused=False``. Laid out again after
+    ``model.double()``, the flat momentum takes the parameters' new dtype (as ``load_state_dict`` casts it).
+    ``model.load_state_dict(sd, assign=True)`` makes new parameters, which no optimizer built
+    before holds (torch's neither): build the optimizer after it.
 
     The step makes no host-device synchronisation and never writes ``.grad``.
     """
@@ -138,6 +161,7 @@ class PSISGD(Optimizer):
         )
         super().__init__(params, defaults)
         _warn_if_plain(self.param_groups)
+        self._flat: dict[int, FlatBuffers] = {}  # the flat buffers of psi buckets, by the id of their first tensor
         if fused:  # torch's SGD's checks, in its order
             self._need_device_dtype_check_for_fused = True
             if differentiable:
@@ -154,6 +178,7 @@ class PSISGD(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fill what an optimizer pickled by an older psi (or torch's SGD) lacks, as torch's SGD does."""
         super().__setstate__(state)
+        self.__dict__.setdefault("_flat", {})  # not pickled (torch's __getstate__): laid out again at the next step
         for key, value in _GROUP_DEFAULTS.items():
             self.defaults.setdefault(key, value)
             for group in self.param_groups:
@@ -170,11 +195,11 @@ class PSISGD(Optimizer):
             filled = [{**{k: v for k, v in own.items() if k not in ("params", "param_names")}, **group}
                       for own, group in zip(self.param_groups, saved, strict=True)]
             state_dict = {**state_dict, "param_groups": filled}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # the flat momentum takes the loaded buffers in at the next step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, but a psi group without its own ``weight_decay`` gets 0 (see class doc), and
-        a psi group refuses what its step cannot honour (complex tensors, ``fused``, ``differentiable``)."""
+        a psi group refuses what its step cannot honour (complex tensors, ``differentiable``)."""
         if param_group.get("psi", False):
             param_group.setdefault("weight_decay", 0.0)
         super().add_param_group(param_group)
@@ -188,21 +213,29 @@ class PSISGD(Optimizer):
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     bufs: list[Tensor | None], neuron_sets: list[int], frozen: list[Tensor],
-                    frozen_sets: list[int]) -> bool:
+                    frozen_sets: list[int], label: int = -1, layout_of: tuple[int, ...] = ()) -> bool | int:
         """Append the group's tensors with a gradient to the lists of a :class:`_Gathered` (as torch's
-        SGD does) and label their neurons, continuing after the last label there: a 1-D tensor right
-        after a weight with as many neurons is its bias and shares its neurons, every other tensor has
-        its own. A psi tensor without a gradient goes to ``frozen`` with its label. The lists come as
-        separate arguments, as in torch's optimizers: given empty lists, ``torch.compile`` runs this
-        eagerly instead of tracing it. Returns whether a gradient is sparse."""
+        SGD does) and label their neurons after ``label``: a 1-D tensor right after a weight with as
+        many neurons is its bias and shares its neurons, every other tensor has its own. A psi tensor
+        without a gradient goes to ``frozen`` with its label. Returns whether a gradient is sparse.
+
+        With ``layout_of`` (the indices of a psi bucket's groups) it appends nothing and returns the key
+        of the bucket's flat buffers in ``self._flat`` after checking them (laid out anew where a
+        parameter moved), or -1 where this step takes the per-tensor path.
+
+        The lists come as separate, empty arguments and the rest as constants, as in torch's
+        optimizers: ``torch.compile`` then runs this eagerly instead of tracing it (so the host-side
+        checks of the flat buffers run at trace time, and a moved parameter, whose address is guarded,
+        recompiles)."""
+        if layout_of:
+            return self._check_flat(layout_of)
         has_sparse_grad = False
         momentum = group["momentum"] != 0
         is_psi = group["psi"]
-        fused_check = group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True)
-        labels = [neuron_sets[-1] if neuron_sets else -1, frozen_sets[-1] if frozen_sets else -1]
-        label, last = max(labels), None
+        fused_check = group["fused"] and not is_psi and getattr(self, "_need_device_dtype_check_for_fused", True)
+        last = None
         for p in group["params"]:
-            if not (last is not None and p.dim() == 1 and last.dim() > 1 and last.shape[0] == p.shape[0]):
+            if not is_bias_of(p, last):
                 label += 1
             last = p
             grad = p.grad
@@ -226,29 +259,40 @@ class PSISGD(Optimizer):
                                "group (psi=False), which is torch's SGD and takes them")
         return has_sparse_grad
 
+    def _check_flat(self, indices: tuple[int, ...]) -> int:
+        """The key of the flat buffers of the psi groups ``indices`` (one bucket) in ``self._flat``, laid
+        out (again) where missing or a parameter moved; -1 where this step takes the per-tensor path (a
+        tensor without a gradient or with a sparse one, the state without some momentum buffer, a layout
+        flat buffers cannot hold). Host-side only, and cheap: it runs at every step."""
+        groups = [self.param_groups[i]["params"] for i in indices]
+        params = [p for ps in groups for p in ps]
+        for p in params:
+            g = p.grad
+            if g is None or g.is_sparse:  # no step, but a part of its neurons' norms: the per-tensor path does both
+                return -1
+        key = lay_out(self._flat, params, tuple(map(len, groups)), self.param_groups[indices[0]]["momentum"] != 0)
+        return key if key >= 0 and adopt_state(self._flat[key], self.state) else -1
+
     @_use_grad_for_differentiable
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         """Perform one optimization step (``closure`` re-evaluates the loss, as in torch).
 
-        Psi groups with the same hyperparameters are stepped together in one multi-tensor
-        call (one group per layer is the usual layout, and a call per layer would cost a
-        Python round trip each); a psi group's tensors share their neurons: the norm of
-        neuron ``i`` is taken over row ``i`` of all of them (a weight and the bias that
-        scales with it: a 1-D tensor placed right after a weight with as many neurons).
+        Psi groups with the same hyperparameters are stepped together (one group per layer is the
+        usual layout, and a call per layer would cost a Python round trip each): on flat buffers by
+        default, in one multi-tensor call with ``fused=False``. A psi group's tensors share their
+        neurons: the norm of neuron ``i`` is taken over row ``i`` of all of them (a weight and the
+        bias that scales with it: a 1-D tensor placed right after a weight with as many neurons).
         Gradients are off during the step unless ``differentiable`` (torch's rule).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets: dict[tuple, _Gathered] = {}
-        for group in self.param_groups:
+        buckets: dict[tuple, list[int]] = {}
+        for i, group in enumerate(self.param_groups):
             if group["psi"]:  # gathered into the bucket of its hyperparameters, stepped below
                 _check_psi_group(group)
-                bucket = buckets.get(key := _psi_hyper(group))
-                if bucket is None:
-                    bucket = buckets[key] = _Gathered([], [], [], [], [], [])
-                self._init_group(group, *bucket)
+                buckets.setdefault(_psi_hyper(group), []).append(i)
                 continue
             gathered = _Gathered([], [], [], [], [], [])
             has_sparse_grad = self._init_group(group, *gathered)
@@ -261,10 +305,27 @@ class PSISGD(Optimizer):
                        foreach=foreach, fused=fused, grad_scale=getattr(self, "grad_scale", None),
                        found_inf=getattr(self, "found_inf", None))
             self._store(gathered.params, gathered.bufs)
-        for key, bucket in buckets.items():
+        for key, indices in buckets.items():
             hyper = dict(zip(_PSI_KEYS, key, strict=True))
-            created = bucket.bufs and any(b is None for b in bucket.bufs)
+            fused, foreach = hyper.pop("fused"), hyper["foreach"]
+            flat = -1  # a compiled step takes the per-tensor path (inductor fuses it, and fails on flat views)
+            if fused is not False and foreach is not False and not torch.compiler.is_compiling():
+                flat = self._init_group(self.param_groups[indices[0]], [], [], [], [], [], [], -1, tuple(indices))
+            if flat >= 0:
+                layout = self._flat[flat]
+                hyper.pop("foreach")
+                with torch.no_grad():
+                    flat_psi_sgd(layout, [p.grad for p in layout.params], **hyper)
+                continue
+            bucket, label = _Gathered([], [], [], [], [], []), -1
+            for i in indices:  # each group into fresh lists (compile runs _init_group eagerly only on empty ones)
+                part = _Gathered([], [], [], [], [], [])
+                self._init_group(self.param_groups[i], *part, label)
+                label = max(part.neuron_sets + part.frozen_sets, default=label)
+                for whole, xs in zip(bucket, part, strict=True):
+                    whole.extend(xs)
             with torch.no_grad():  # psi groups are never differentiable, even where the optimizer's default is
+                created = bucket.bufs and any(b is None for b in bucket.bufs)
                 psi_sgd(bucket.params, bucket.grads, bucket.bufs, neuron_sets=bucket.neuron_sets,
                         frozen=bucket.frozen, frozen_sets=bucket.frozen_sets, **hyper)
             if created:
@@ -272,7 +333,7 @@ class PSISGD(Optimizer):
         return loss
 
     def _store(self, params: list[Tensor], bufs: list[Tensor | None]) -> None:
-        for p, buf in zip(params, bufs):  # empty when there is no momentum
+        for p, buf in zip(params, bufs):  # bufs is empty without momentum
             self.state[p]["momentum_buffer"] = buf
 
 
@@ -299,21 +360,23 @@ def _warn_if_plain(groups: list[dict[str, Any]]) -> None:
 
 def _check_psi_group(group: dict[str, Any]) -> None:
     """Refuse, naming the setting and the way out, what a psi group's step cannot honour."""
-    for key, why in (("fused", "there is no fused PSI kernel; foreach=None or True is its multi-tensor path"),
-                     ("differentiable", "its step is not written for autograd through the update")):
-        if group[key]:
-            raise RuntimeError(f"PSISGD: {key}=True is not supported on a psi group (psi=True): {why}. Set "
-                               f"{key}=False on that group (e.g. {{'params': ..., 'psi': True, '{key}': False}}); "
-                               f"plain groups (psi=False) are torch's SGD and honour it")
+    if group["differentiable"]:
+        raise RuntimeError("PSISGD: differentiable=True is not supported on a psi group (psi=True): its step is not "
+                           "written for autograd through the update. Set differentiable=False on that group (e.g. "
+                           "{'params': ..., 'psi': True, 'differentiable': False}); plain groups (psi=False) are "
+                           "torch's SGD and honour it")
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-_PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach")
+_PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach", "fused")
 
 
 def _psi_hyper(group: dict[str, Any]) -> tuple:
     """The hyperparameters that decide whether psi groups can be stepped together (a plain
     tuple: torch.compile traces it, where operator.itemgetter breaks the graph)."""
-    return tuple(group[k] for k in _PSI_KEYS)
+    return (group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"],
+            group["maximize"], group["max_norm"], group["foreach"], group["fused"])  # _PSI_KEYS' order
 
 
 class PSIGD(PSISGD):
@@ -323,11 +386,3 @@ class PSIGD(PSISGD):
     or a minibatch); the optimizer cannot tell the two apart, so this class only changes the
     name. Feed it full-batch gradients (Theorem 2's setting).
     """
-
-
-# In both paths below, with c = -lr ||w||^2 cap (per neuron) and cap the safeguard factor:
-#   u <- cap mu u + (1 - dampening) c g     (the first u is c g, as torch's first buffer is g)
-#   w <- cap w + u                          (nesterov: cap w + mu u + c g)
-# which is Algorithm 1 followed by the safeguard's rescaling of w and u (section 6.2).
-
-
