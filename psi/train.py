@@ -25,7 +25,10 @@ algorithm choice and atomic-add kernels make every run, resumed or not, differ i
 
 GPU defaults (each can be switched off): bf16 autocast, channels-last, ``cudnn.benchmark``, a
 compiled model and (for SGD and PSI-SGD(M)) a compiled optimizer step with the learning rate held
-as a tensor, so that a schedule changes a value and never recompiles. On the CPU all are off.
+as a tensor, so that a schedule changes a value and never recompiles (evaluation runs the compiled
+model too). On the CPU all are off. ``--amp none`` is strict fp32: on CUDA TF32 is switched off for
+cuDNN's convolutions (torch's default: on) and cuBLAS's matmuls while the run lasts; ``config.json``
+records both switches as the run had them (``tf32``).
 """
 
 from __future__ import annotations

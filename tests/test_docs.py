@@ -20,7 +20,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "refe
 # the programs the pages may run, and the function each runs
 MAINS = {"psi.train": "psi.train:main", "psi.grid": "psi.grid.cli:main", "psi.bench": "psi.bench.cli:main",
          "psi.study.design": "psi.study.design:main",
-         "psi.bench.discovery": "psi.bench.discovery:main"}
+         "psi.bench.discovery": "psi.bench.discovery:main", "psi.check": "psi.check.cli:main"}
 
 
 def _blocks(path: Path, lang: str) -> list[str]:

@@ -25,7 +25,9 @@ from tests.procs import Gated, env
 from tests.runs import metric_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def CUDA(test):  # noqa: N802 - a decorator, as pytest's marks are
+    """Run only on a CUDA device; marked ``cuda`` for ``python -m psi.check``'s tests stage."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @pytest.fixture(scope="module")

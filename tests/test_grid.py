@@ -12,10 +12,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import submitit
+import torch
 
-from psi.grid.cli import main
+import psi.study.plan
+from psi.engine import trainer
+from psi.grid import cli, slurm
+from psi.grid.cli import _parser, main
+from psi.grid.plans import study_of_args
 from psi.grid.progress import run_states
 from psi.study.plan import base_config, cost_order, distinct, plan, read_selected, study_configs
 from psi.study.profiles import study_settings
@@ -27,6 +34,11 @@ ENV = dict(os.environ, PSI_PROGRESS="0")
 def _grid(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "psi.grid", *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _study(args: list[str], out: Path):
+    """The settings and base config of ``python -m psi.grid slurm ARGS --out OUT --device cpu``."""
+    return study_of_args(_parser().parse_args(["slurm", *args, "--out", str(out), "--device", "cpu", "--array", "1"]))
 
 
 def _smoke(out: Path):
@@ -175,3 +187,119 @@ def test_status_counts_a_fabricated_folder(tmp_path, capsys):
     assert f"pid {os.getpid()} on here" in text
     assert f"+ {p['pending']} tuned runs" in text and "ETA" in text
     assert main(["status", "--out", str(tmp_path / "none")]) == 2  # no grid.json and no --profile
+
+
+# a grid trained in seconds: one optimizer, two starting rates, one seed, one epoch of 100 images
+TINY = ["--profile", "smoke", "--set", "optimizers=['sgd']", "--set", "lr_grids={'sgd': [0.03, 0.3]}", "--set",
+        "lr_extend=0", "--set", "seeds=[0]", "--set", "epochs=1", "--set", "subset=100", "--set", "val_size=50"]
+
+
+def _nothing_trains_here(monkeypatch) -> None:
+    """This process (the submitting host) has no GPU and trains nothing: a run or a selection here raises."""
+    def here(*a, **kw):
+        raise AssertionError("trained in the submitting process")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "_train", here)
+    monkeypatch.setattr(psi.study.plan, "select_lrs", here)
+    monkeypatch.setattr(slurm, "select_lrs", here, raising=False)
+
+
+def test_slurm_submits_the_selection_as_jobs_and_the_study_after_it(tmp_path, monkeypatch, capsys):
+    _nothing_trains_here(monkeypatch)
+    assert main(["slurm", *TINY, "--device", "cpu", "--out", str(tmp_path), "--array", "2", "--executor", "local",
+                 "--cpus-per-task", "1", "--time", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted 2 array tasks (local) for the learning-rate selection" in out
+    assert "submitted 2 array tasks (local) for shards [1, 2] of 2" in out
+    settings, base = _study(TINY, tmp_path)
+    p = plan(settings, base)
+    assert p["pending"] == 0 and any(c.setting == "tuned" for c in p["study"])  # chosen, then trained
+    logs = {what: [Path(f).read_text() for f in re.findall(rf"{what} \d+/2: job \S+, log (\S+)", out)]
+            for what in ("selection task", "shard")}
+    started = {what: set(re.findall(r" (\S+): start", "".join(texts))) for what, texts in logs.items()}
+    assert started["selection task"] == {c.run_dir().name for c in p["select"]}  # in the selection's jobs
+    assert started["shard"] == {c.run_dir().name for c in p["study"]}  # in the study's, after it
+    assert "choosing the learning rates" in logs["selection task"][0]
+    chosen = max(f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("selected_lr-*"))
+    for c in p["select"] + p["study"]:
+        summary = json.loads((c.run_dir() / "summary.json").read_text())
+        assert summary["trained_by"]["pid"] != os.getpid()
+        if c in p["study"]:
+            assert (c.run_dir() / "summary.json").stat().st_mtime_ns > chosen
+    study_plan = json.loads((tmp_path / "grid.json").read_text())["plan"]
+    written = json.loads(Path(study_plan).read_text())
+    slurm.replan(study_plan)  # what a study task does first on SLURM, submitted before the rates were chosen
+    assert json.loads(Path(study_plan).read_text()) == written
+
+
+class _Sbatch:
+    """submitit's SlurmExecutor as sbatch would see it: the parameters and arguments of each array submitted."""
+
+    arrays: list[tuple[dict, list]] = []
+
+    def __init__(self, folder):
+        self.folder, self.parameters = Path(folder), {}
+
+    def update_parameters(self, **kw):
+        self.parameters.update(kw)
+
+    def map_array(self, fn, *args):
+        job = 1000 + len(self.arrays)
+        self.arrays.append((dict(self.parameters), [fn, *args]))
+        return [SimpleNamespace(job_id=f"{job}_{i}", paths=SimpleNamespace(stdout=self.folder / f"{job}_{i}.out"))
+                for i in range(len(args[0]))]
+
+
+def test_slurm_on_a_login_node_without_a_gpu_submits_the_selection_with_the_study_after_it(tmp_path, monkeypatch):
+    _nothing_trains_here(monkeypatch)
+    monkeypatch.setattr(submitit, "SlurmExecutor", _Sbatch)
+    monkeypatch.setattr(_Sbatch, "arrays", [])
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert main(["slurm", *TINY, "--out", str(tmp_path), "--array", "3"]) == 0  # --device: cuda
+    (select, sel_args), (study, study_args) = _Sbatch.arrays
+    phases = [{json.loads(Path(f).read_text())["phase"] for f in args[1]} for args in (sel_args, study_args)]
+    assert phases == [{"select"}, {"study"}]
+    assert sel_args[2] == [1, 2] and sel_args[3] == [2, 2]  # the 2 starting rates: 2 tasks
+    assert study_args[2] == [1, 2, 3] and study_args[3] == [3, 3, 3]  # the tuned runs' shards are not known yet
+    assert "dependency" not in select and study["dependency"] == "afterok:1000"  # after every selection task
+    assert select["gpus_per_node"] == study["gpus_per_node"] == 1
+    sbatch = submitit.slurm.slurm._make_sbatch_string(command="python -u -m submitit.core._submit", folder=tmp_path,
+                                                      **study)
+    assert "#SBATCH --dependency=afterok:1000\n" in sbatch and "#SBATCH --kill-on-invalid-dep=yes\n" in sbatch
+    assert study_args[5] == [True] * 3  # each study task plans again once the selection is done: not yet
+    with pytest.raises(RuntimeError, match="the learning-rate selection is not finished"):
+        slurm.replan(study_args[1][0])
+    assert not list((tmp_path / "runs").glob("*/summary.json"))
+
+
+def test_each_worker_compiles_with_its_share_of_the_cores(tmp_path, monkeypatch):
+    """4 workers (2 GPUs x 2 runs) on 16 cores: 4 threads each, inductor's compile workers too (not 16 each)."""
+    launched = []
+
+    class Worker:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            launched.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    monkeypatch.setattr(cli, "usable_cores", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["run", *TINY, "--device", "cuda", "--gpus", "0,1", "--runs-per-gpu", "2", "--out", str(tmp_path)])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in launched] == ["0", "1", "0", "1"]  # the selection's workers
+    assert all(e["OMP_NUM_THREADS"] == e["TORCHINDUCTOR_COMPILE_THREADS"] == "4" for e in launched)
+    monkeypatch.setattr(cli, "usable_cores", lambda: 2)  # fewer cores than workers: one each
+    launched.clear()
+    main(["run", *TINY, "--device", "cuda", "--gpus", "0,1", "--runs-per-gpu", "2", "--out", str(tmp_path)])
+    assert len(launched) == 4 and all(e["TORCHINDUCTOR_COMPILE_THREADS"] == "1" for e in launched)
+
+    seen = []  # a SLURM task: its --cpus-per-task (or SLURM_CPUS_PER_TASK)
+    monkeypatch.setattr(slurm, "work", lambda *a: seen.append(os.environ["TORCHINDUCTOR_COMPILE_THREADS"]) or 0)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "32")  # restored afterwards
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert slurm.ShardTask()("plan.json", 1, 2, None) == slurm.ShardTask()("plan.json", 1, 2, 3) == 0
+    assert seen == ["6", "3"]

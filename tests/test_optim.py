@@ -337,6 +337,7 @@ def test_step_under_torch_compile_matches_eager():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda():
     model = Mixed().cuda()

@@ -112,7 +112,8 @@ class Config:
     bn_split: int = _field(1, "BatchNorm statistics over N slices of each batch (what N processes compute without "
                            "SyncBatchNorm, which needs CUDA)")
     amp: str = _field("auto", "mixed precision (autocast): auto = bf16 on CUDA (pass fp16 on GPUs older than "
-                      "Ampere), none on the CPU", choices=AMP_MODES)
+                      "Ampere), none on the CPU; none is strict fp32 (on CUDA: TF32 off for convolutions and "
+                      "matmuls)", choices=AMP_MODES)
     channels_last: bool | None = _field(None, "channels-last memory format (default: on for CUDA)")
     compile: bool | None = _field(None, "torch.compile the model, and the step of sgd/psi-sgd/psi-sgdm (default: on "
                                   "for CUDA in one process; refused under torchrun)")

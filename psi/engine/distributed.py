@@ -1,5 +1,5 @@
 """Processes and devices: the run's device and process group (gloo for the CPU, NCCL for CUDA), ended on
-every way out; determinism switches; and what the processes of a data-parallel run must agree on before
+every way out; determinism and TF32 switches; and what the processes of a data-parallel run must agree on before
 they train (one shared run folder, the same image files, rank 0 alone writing)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,32 @@ def set_determinism(cfg: Config, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = cfg.deterministic
         torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
+@contextlib.contextmanager
+def tf32_switches(cfg: Config, device: torch.device) -> Iterator[dict[str, bool | None]]:
+    """``--amp none`` on CUDA is strict fp32: TF32 off for cuDNN's convolutions (on by torch's default)
+    and for cuBLAS's matmuls (off by default) while the run lasts, set back after it (a sweep trains its
+    runs in one process). Other amp modes, and the CPU, leave the switches as the process has them.
+    Yields both as the run has them, ``config.json``'s ``tf32`` (None: unreadable, the process mixed
+    torch's ``fp32_precision`` settings with these)."""
+    saved = None
+    if device.type == "cuda" and cfg.amp == "none":
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield {"cudnn_allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32),
+               "cuda_matmul_allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32)}
+    finally:
+        if saved is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _read(switch: Callable[[], bool]) -> bool | None:
+    try:
+        return bool(switch())
+    except RuntimeError:  # torch refuses to say when both of its APIs set the flags
+        return None
 
 
 # How long a process of another node keeps looking for rank 0's token in the run folder: NFS may answer

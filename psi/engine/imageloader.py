@@ -75,30 +75,28 @@ def _decode_pil(path: str, box_of: Callable[[int, int], tuple], size: int, draft
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item ``b`` is batch ``b`` of one epoch, decoded (pil) or read as bytes with its boxes (nvjpeg)."""
+    """Item ``(epoch, indices)`` is that batch of that epoch, decoded (pil) or read as bytes with its boxes
+    (nvjpeg). The epoch comes with each item, so one set of workers serves every epoch."""
 
-    def __init__(self, files: np.ndarray, labels: Tensor, batches: list[Tensor], *, train: bool, seed: int,
-                 epoch: int, size: int, raw: bool, draft: bool = True) -> None:
-        self.files, self.labels, self.batches = files, labels, batches
-        self.train, self.seed, self.epoch, self.size, self.raw, self.draft = train, seed, epoch, size, raw, draft
+    def __init__(self, files: np.ndarray, labels: Tensor, *, train: bool, seed: int, size: int, raw: bool,
+                 draft: bool = True) -> None:
+        self.files, self.labels = files, labels
+        self.train, self.seed, self.size, self.raw, self.draft = train, seed, size, raw, draft
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def _box_of(self, i: int):
+    def _box_of(self, epoch: int, i: int):
         if self.train:
-            return lambda w, h: train_box(w, h, _rng(self.seed, self.epoch, i))
+            return lambda w, h: train_box(w, h, _rng(self.seed, epoch, i))
         return lambda w, h: (eval_box(w, h, self.size), False)
 
-    def __getitem__(self, b: int):
-        idx = self.batches[b].tolist()
-        y = self.labels[self.batches[b]]
+    def __getitem__(self, key: tuple[int, list[int]]):
+        epoch, idx = key
+        y = self.labels[idx]
         if not self.raw:
-            x = np.stack([_decode_pil(self.files[i], self._box_of(i), self.size, self.draft) for i in idx])
+            x = np.stack([_decode_pil(self.files[i], self._box_of(epoch, i), self.size, self.draft) for i in idx])
             return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y
-        return self._raw(idx) + (y,)
+        return self._raw(epoch, idx) + (y,)
 
-    def _raw(self, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _raw(self, epoch: int, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """nvjpeg's item: the batch's JPEG files as one byte buffer with their lengths (one shared-memory
         tensor per batch, not one file descriptor per image), their boxes and flips; every other image
         (a PNG, a CMYK or other non-RGB JPEG, which nvjpeg would reject or miscolour) is decoded and
@@ -112,12 +110,13 @@ class _Batches(torch.utils.data.Dataset):
                 size = img.size
             on_gpu.append(jpeg)
             if jpeg:
-                box, flip = self._box_of(i)(*size)
+                box, flip = self._box_of(epoch, i)(*size)
                 blobs.append(Path(self.files[i]).read_bytes())
                 boxes.append(box)
                 flips.append(flip)
             else:
-                done.append(torch.from_numpy(_decode_pil(self.files[i], self._box_of(i), self.size, self.draft)))
+                done.append(torch.from_numpy(_decode_pil(self.files[i], self._box_of(epoch, i), self.size,
+                                                         self.draft)))
         joined = b"".join(blobs)
         data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
         lengths = torch.tensor([len(b) for b in blobs], dtype=torch.long)
@@ -126,6 +125,28 @@ class _Batches(torch.utils.data.Dataset):
                    else torch.empty(0, 3, side, side, dtype=torch.uint8))
         return (data, lengths, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
                 torch.tensor(flips, dtype=torch.bool), torch.tensor(on_gpu, dtype=torch.bool), decoded)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The items of the pass asked for last (:meth:`ImageLoader.epoch` sets them before each pass; each
+    pass takes its own iterator over them, in the training process)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, list[int]]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` copied to ``device`` without holding the host: on CUDA from pinned memory (pinned here
+    when it is not; a copy from pageable memory is staged by the driver, in step with the host)."""
+    if device.type == "cuda" and t.device.type == "cpu" and t.numel() and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _worker_init(trainer_pid: int, _: int) -> None:
@@ -193,7 +214,16 @@ class ImageLoader:
     ``rank``/``world``: each process loads and decodes only its slice of every batch. ``decode``
     replaces the GPU decoder (a function ``(list of byte tensors, device) -> list of (3, H, W)
     uint8 tensors``): the tests run the nvjpeg path on the CPU with a PIL stand-in. ``draft=False``
-    decodes every JPEG at full resolution (as torchvision's PIL pipeline does; slower, for comparison)."""
+    decodes every JPEG at full resolution (as torchvision's PIL pipeline does; slower, for comparison).
+
+    The workers are started at the first epoch and serve every later one (``persistent_workers``), the
+    evaluation loader's beside the training loader's: one pass over a loader at a time (a new pass
+    ends the one before)."""
+
+    SYNCS_PER_BATCH = 1
+    """Host waits per batch by design, on nvjpeg on CUDA alone: the loader's stream is synchronized
+    before each batch's decode (:meth:`_on_device`; torch's sync debug mode reports it). The PIL path
+    and the CPU wait for nothing. ``host_syncs`` counts the waits this loader made."""
 
     def __init__(self, files: np.ndarray, labels: Tensor, mean, std, batch_size: int, *, train: bool, seed: int = 0,
                  image_size: int = 224, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -213,6 +243,22 @@ class ImageLoader:
         self._decode = decode or (_torchvision_decoder() if self.decoder == "nvjpeg" else None)
         self._normalize = Normalize(mean, std, self.device, dtype, channels_last)
         check_batch_split(batch_size, world)
+        self.host_syncs = 0
+        self._keys, self._workers = _Keys(), None
+
+    def _items(self) -> torch.utils.data.DataLoader:
+        """The DataLoader of every epoch, made at the first: its workers (if any) live as long as this loader."""
+        if self._workers is None:
+            raw = self.decoder == "nvjpeg"
+            items = _Batches(self.files, self.labels, train=self.train, seed=self.seed, size=self.image_size, raw=raw,
+                             draft=self.draft)
+            self._workers = torch.utils.data.DataLoader(
+                items, batch_size=None, sampler=self._keys, num_workers=self.workers,
+                worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                multiprocessing_context=_worker_context() if self.workers else None,
+                pin_memory=self.device.type == "cuda" and not raw, prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0)
+        return self._workers
 
     def __len__(self) -> int:
         return batch_count(len(self.files), self.batch_size, self.drop_last)
@@ -232,22 +278,15 @@ class ImageLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (images, labels) of one epoch, this process's slice of each batch, from batch ``start``
         on (each image's augmentation depends on the seed, the epoch and its index only)."""
-        slices = [s for s in self._slices(epoch)[start:] if len(s)]
-        raw = self.decoder == "nvjpeg"
-        items = _Batches(self.files, self.labels, slices, train=self.train, seed=self.seed, epoch=epoch,
-                         size=self.image_size, raw=raw, draft=self.draft)
-        loader = torch.utils.data.DataLoader(
-            items, batch_size=None, shuffle=False, num_workers=self.workers,
-            worker_init_fn=functools.partial(_worker_init, os.getpid()),
-            multiprocessing_context=_worker_context() if self.workers else None,
-            pin_memory=self.device.type == "cuda" and not raw, prefetch_factor=4 if self.workers else None)
+        loader = self._items()
+        self._keys.keys = [(epoch, s.tolist()) for s in self._slices(epoch)[start:] if len(s)]
         for item in loader:
-            if raw:
-                x, y = self._on_device(*item)
+            if self.decoder == "nvjpeg":
+                x, y = self._on_device(*item)  # x on the device already
             else:
                 x, y = item
-            x = x.to(self.device, non_blocking=True)
-            yield self._normalize(x), y.to(self.device, non_blocking=True)
+                x = _to_device(x, self.device)  # pinned by the DataLoader's thread on CUDA
+            yield self._normalize(x), _to_device(y, self.device)
 
     def _on_device(self, data: Tensor, lengths: Tensor, boxes: Tensor, flips: Tensor, on_gpu: Tensor,
                    decoded: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,6 +302,7 @@ class ImageLoader:
         if self._stream is None:
             return self._crop_all(data, lengths, boxes, flips, on_gpu, decoded), y
         self._stream.synchronize()  # its previous batch is done: memory freed on it is free for nvjpeg
+        self.host_syncs += 1  # SYNCS_PER_BATCH
         with torch.cuda.stream(self._stream):
             x = self._crop_all(data, lengths, boxes, flips, on_gpu, decoded)
         main = torch.cuda.current_stream(self.device)
@@ -281,7 +321,7 @@ class ImageLoader:
             images = [self._decode_one(d) for d in blobs]
         crops = iter(self._crop(img, box, flip) for img, box, flip in zip(images, boxes.tolist(), flips.tolist(),
                                                                           strict=True))
-        cpu = iter(decoded.to(self.device, non_blocking=True))
+        cpu = iter(_to_device(decoded, self.device))  # the images PIL decoded (PNGs, CMYK JPEGs): pinned first
         return torch.stack([next(crops) if g else next(cpu) for g in on_gpu.tolist()])
 
     def _crop(self, img: Tensor, box: list[float], flip: bool) -> Tensor:
@@ -305,9 +345,9 @@ class ImageLoader:
     def sample(self, n: int) -> Tensor:
         """The first ``n`` images of epoch 0's first batch (this process's slice), decoded in this
         process: an example batch (for discovery) without starting the workers."""
-        items = _Batches(self.files, self.labels, [self._slices(0)[0][:n]], train=self.train, seed=self.seed,
-                         epoch=0, size=self.image_size, raw=self.decoder == "nvjpeg", draft=self.draft)
-        item = items[0]
+        items = _Batches(self.files, self.labels, train=self.train, seed=self.seed, size=self.image_size,
+                         raw=self.decoder == "nvjpeg", draft=self.draft)
+        item = items[(0, self._slices(0)[0][:n].tolist())]
         x = self._on_device(*item)[0] if items.raw else item[0]
         return self._normalize(x.to(self.device))
 

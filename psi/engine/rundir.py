@@ -167,9 +167,10 @@ def kept_metrics(metrics_path: Path, start: int) -> str:
 
 def _same_run(record: dict[str, Any]) -> dict[str, Any]:
     """What of a ``config.json`` decides the numbers: the keyed fields (not where or how fast it runs),
-    the device kind and every group's hyperparameters."""
+    the device kind and every group's hyperparameters (the kernels and TF32 switches are a record of
+    what ran, absent from older runs' files)."""
     return {k: v for k, v in record.items()
-            if k not in (*NOT_IN_KEY, "world_size", "kernels") and not (k in KEY_IF_SET and v in (None, "none"))}
+            if k not in (*NOT_IN_KEY, "world_size", "kernels", "tf32") and not (k in KEY_IF_SET and v in (None, "none"))}
 
 
 def check_same_config(out: Path, record: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from psi.engine.distributed import (
     rank0_lock,
     run_device,
     set_determinism,
+    tf32_switches,
 )
 from psi.engine.epoch import epoch_row, train_epoch
 from psi.engine.files import append_line, atomic_write, clear_stale_temps, write_json
@@ -127,6 +128,12 @@ class _Run:
         return self.out / "metrics.jsonl"
 
     @property
+    def eval_net(self) -> nn.Module:
+        """The model as it is evaluated: compiled when it trains compiled (BN's eval mode is one more graph,
+        compiled at the first evaluation), else the model itself (never DDP's wrapper: no collective per batch)."""
+        return self.net if self.cfg.compile else self.model
+
+    @property
     def show(self) -> bool:
         return self.cfg.progress and self.rank == 0 and os.environ.get("PSI_PROGRESS", "1") != "0"
 
@@ -150,12 +157,13 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
            dataset: Dataset | None) -> dict[str, Any]:
     set_determinism(cfg, device)
     torch.manual_seed(cfg.seed)
-    r = _set_up(cfg, device, rank, world, out, dataset)
-    _write_config(r)
-    start, resumed = _resume(r)
-    _wrap(r)
-    _epochs(r, start, resumed)
-    return _finish(r)
+    with tf32_switches(cfg, device) as tf32:
+        r = _set_up(cfg, device, rank, world, out, dataset)
+        _write_config(r, tf32)
+        start, resumed = _resume(r)
+        _wrap(r)
+        _epochs(r, start, resumed)
+        return _finish(r)
 
 
 def _set_up(cfg: Config, device: torch.device, rank: int, world: int, out: Path, dataset: Dataset | None) -> _Run:
@@ -177,11 +185,12 @@ def _set_up(cfg: Config, device: torch.device, rank: int, world: int, out: Path,
     return _Run(cfg, device, rank, world, out, ds, model, opt, train, evaluation, eval_name)
 
 
-def _write_config(r: _Run) -> None:
+def _write_config(r: _Run, tf32: dict[str, bool | None]) -> None:
     """``config.json``: the config, every group's hyperparameters as the optimizer reads them, the CPU
-    kernels; a folder whose checkpoint was made with other settings is refused first."""
+    kernels, the TF32 switches as the run has them; a folder whose checkpoint was made with other
+    settings is refused first."""
     record = {**asdict(r.cfg), "device_kind": r.device.type, "world_size": r.world, "groups": describe(r.opt),
-              "kernels": kernels.record()}
+              "kernels": kernels.record(), "tf32": tf32}
     if r.rank == 0:
         clear_stale_temps(r.out)
         if r.ckpt_path.is_file():
@@ -245,7 +254,7 @@ def _epochs(r: _Run, start: int, resumed: dict[str, Any] | None) -> None:
                 raise Preempted(f"{out.name}: stopped by SIGTERM at step {part.step} of {part.steps} in epoch "
                                 f"{epoch + 1}; a checkpoint of that step is in {r.ckpt_path}. Run the same command "
                                 f"again to resume from it.")
-            row = epoch_row(cfg, epoch, start, part, r.rank, r.world, r.model, r.opt, r.evaluation, r.eval_name,
+            row = epoch_row(cfg, epoch, start, part, r.rank, r.world, r.eval_net, r.opt, r.evaluation, r.eval_name,
                             r.autocast, out)
             if r.rank == 0:
                 append_line(r.metrics_path, json.dumps(row))

@@ -10,10 +10,11 @@ Notebook 04 and this tool build the same runs from the same functions (:func:`ba
 :func:`select_lrs`, :func:`study_configs`), so the run folders one makes are the ones the other
 reuses: ``./run_all.sh --profile paper --out DIR`` after ``run`` or ``slurm`` trains nothing again.
 
-Profiles with a learning-rate selection (``lr_grids``: smoke, quick) run it first: ``run`` spreads
+Profiles with a learning-rate selection (``lr_grids``: smoke, quick, paper) run it first: ``run`` spreads
 the grid's starting rates over its workers, then one worker finishes the selection (the rates
-past an edge of the grid, at most two more per optimizer); ``slurm`` runs the selection in the
-submitting process. The paper profile has none.
+past an edge of the grid, at most two more per optimizer); ``slurm`` submits it as a job array of its
+own, the study's array after it (``afterok``), so that the submitting host trains nothing. The
+imagenet profile has none.
 
 Each worker runs its shard ``k/N`` of the list (:func:`psi.engine.trainer.sweep`), then every run still
 waiting, last first: an idle worker takes over the others' tails. Two processes never train one
@@ -192,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sl = sub.add_parser("slurm", parents=[study, dry], help="submit the grid as a SLURM job array (submitit)",
                         description="Submit the grid as a job array through submitit, one array task per shard k/N "
-                                    "(each then takes over waiting runs of the others). Submitting again submits "
+                                    "(each then takes over waiting runs of the others), after the learning-rate "
+                                    "selection's own array when it is not made yet. Submitting again submits "
                                     "only the shards with runs not done; interrupted runs resume. A task that "
                                     "reaches --time is requeued by submitit.")
     sl.add_argument("--profile", required=True, choices=list(PROFILES))
@@ -222,8 +224,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, reexec: bool = False) -> int:
     """The command line. ``reexec`` (``python -m psi.grid``): a run or slurm command whose profile is
     pinned (:mod:`psi.engine.kernels`) starts itself again under the pinned environment when this one lacks
-    it, so that whatever this process trains (slurm's selection) and every worker is pinned; called
-    in-process, only the workers' environment is set."""
+    it, so that every worker (and every SLURM task, which inherits it) is pinned; called in-process,
+    only ``run``'s workers' environment is set."""
     ap = _parser()
     a = ap.parse_args(argv)
     if a.command in ("run", "slurm"):

@@ -136,12 +136,16 @@ def launch_workers(plan_path: Path, workers: list[str | None], threads: int, ste
             base_env: dict[str, str] | None = None) -> list[Path]:
     """Start one worker per entry of ``workers`` (its GPUs, or None on the CPU), show the progress
     of ``configs`` until all have exited; return the logs of those that failed. The workers'
-    environment is ``base_env`` (default: this process's; :func:`psi.engine.kernels.env_for` pins it)."""
+    environment is ``base_env`` (default: this process's; :func:`psi.engine.kernels.env_for` pins it) with
+    ``threads`` (each process's share of the cores) for ``OMP_NUM_THREADS`` and ``TORCHINDUCTOR_COMPILE_THREADS``."""
     procs = []
     n = len(workers)
     for k, gpu in enumerate(workers, 1):
-        env = dict(os.environ if base_env is None else base_env, PSI_PROGRESS="0", OMP_NUM_THREADS=str(threads),
-                   PSI_WORKER_CPUS=str(threads * procs_per_run))  # its share, for an image loader's processes
+        # its share of the cores: for torch's threads, inductor's compile workers (by default as many as the
+        # machine has cores, in each of the workers) and an image loader's processes
+        share = str(max(1, threads))
+        env = dict(os.environ if base_env is None else base_env, PSI_PROGRESS="0", OMP_NUM_THREADS=share,
+                   TORCHINDUCTOR_COMPILE_THREADS=share, PSI_WORKER_CPUS=str(max(1, threads) * procs_per_run))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log = logs / f"{name}.worker-{k}-of-{n}.log"

@@ -1,0 +1,3 @@
+from psi.check.cli import main
+
+raise SystemExit(main())
