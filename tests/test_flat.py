@@ -255,6 +255,13 @@ def test_why_not_flat_names_the_reason():
     assert "neither contiguous" in why_not_flat([torch.randn(3, 4).t()])
     assert "layout" in why_not_flat([torch.randn(4, 3).to_sparse()]) or "sparse" in why_not_flat([a.to_sparse()])
     assert why_not_flat([torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)]) is None
+    assert why_not_flat([a, torch.empty(5, 3, device="meta")]).startswith("tensors on several devices")
+
+    class Sub(torch.Tensor):  # as DTensor and FSDP's flat parameters are
+        pass
+
+    assert "tensor subclass" in why_not_flat([a, a.as_subclass(Sub)])
+    assert why_not_flat([torch.empty(0, 3)]).startswith("an empty tensor")
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++")), reason="inductor needs a C++ compiler")

@@ -235,9 +235,9 @@ class PSISGD(Optimizer):
         fused_check = group["fused"] and not is_psi and getattr(self, "_need_device_dtype_check_for_fused", True)
         last = None
         for p in group["params"]:
-            if not is_bias_of(p, last):
-                label += 1
-            last = p
+            if is_psi:  # neuron sets matter to psi groups alone
+                label += not is_bias_of(p, last)
+                last = p
             grad = p.grad
             if grad is None:
                 if is_psi:
