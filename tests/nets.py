@@ -202,3 +202,21 @@ class MobileResNeXt(nn.Module):
         h = x.mean((2, 3))
         h = F.relu(self.bn_t(self.tied(h))) + h @ self.tied.weight.t()  # the weight, read outside self.tied
         return self.fc(h)
+
+
+class OneByOne(nn.Module):
+    """1x1 convolutions of a pooled input (a matrix product on the CPU): in flat buffers packed end to end,
+    ``b``'s weight would start 39 floats in, where the CPU's 1x1 conv gives other bits than on a
+    64-byte boundary (psi.core.flat aligns every tensor)."""
+
+    invariant = ["a", "b"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 13, 1, bias=False), nn.BatchNorm2d(13)
+        self.b, self.bn_b = nn.Conv2d(13, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn_a(self.a(x.mean((2, 3), keepdim=True))))
+        return self.head(F.relu(self.bn_b(self.b(h))).flatten(1))

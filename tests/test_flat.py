@@ -12,9 +12,10 @@ from torch import nn
 import psi
 from psi.core.flat import why_not_flat
 from psi.engine import models
-from tests.nets import DenseSE, Mixed
+from tests.nets import DenseSE, Mixed, OneByOne
 
-NETS = {"mixed": (Mixed, (6, 3, 16, 16)), "dense-se": (DenseSE, (6, 3, 8, 8)), "resnet20": (models.resnet20, (4, 3, 8, 8))}
+NETS = {"mixed": (Mixed, (6, 3, 16, 16)), "dense-se": (DenseSE, (6, 3, 8, 8)), "resnet20": (models.resnet20, (4, 3, 8, 8)),
+        "one-by-one": (OneByOne, (6, 3, 4, 4))}
 
 SETTINGS = {  # each with a learning-rate change at step 50 (the schedule's case)
     "sgd": dict(momentum=0.0),

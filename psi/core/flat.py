@@ -19,6 +19,7 @@ per-parameter views of the flat one in the optimizer's state, so a state dict st
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 
@@ -88,11 +89,19 @@ class FlatBuffers:
         offsets: list[int] = [0] * len(params)  # where each tensor starts in the buffers (elements)
         row_of: list[int] = [0] * len(params)  # its first row in the rows of all classes
         class_spans: list[tuple[int, int, int]] = []  # (start element, rows, fan-in) per class
+        # Every tensor starts on a 64-byte boundary, as a tensor of its own would (torch's allocators
+        # align so): some kernels take other paths on other alignments and give other bits (a 1x1 conv
+        # of a weight 4 bytes off, on the CPU). Within a class that takes padding rows of zeros, which
+        # stay zero (no gradient, zero norm: coefficient 0); between classes, padding elements.
+        align = max(1, 64 // first.element_size())
         start = row = 0
         for fan_in in classes:
+            start += -start % align
+            step = align // math.gcd(fan_in, align)  # rows whose fan_in elements make a multiple of align
             rows = 0
             for i, p in enumerate(params):
                 if fan_ins[i] == fan_in:
+                    rows += -rows % step
                     offsets[i], row_of[i] = start + rows * fan_in, row + rows
                     rows += p.shape[0]
             class_spans.append((start, rows, fan_in))
@@ -100,9 +109,9 @@ class FlatBuffers:
             start, row = start + rows * fan_in, row + rows
         self.numel, self.rows = start, row
         kw = dict(device=first.device, dtype=first.dtype)
-        self.weight = torch.empty(start, **kw)
-        self.grad = torch.empty(start, **kw)
-        self.momentum = torch.empty(start, **kw) if momentum else None
+        self.weight = torch.zeros(start, **kw)
+        self.grad = torch.zeros(start, **kw)  # its padding is never written: zero gradients
+        self.momentum = torch.zeros(start, **kw) if momentum else None
         self.momentum_ready = False  # the first step (or a state with buffers) fills it
         self.offsets = offsets
 
