@@ -161,9 +161,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Tensor], torch.optim.Optimizer]] = {
 
 
 def _per_tensor(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    for g in opt.param_groups:
-        if g.get("psi"):
-            g["fused"] = False
+    for g in opt.param_groups:  # psi groups per tensor, plain groups torch's foreach SGD
+        g["fused"] = False
     return opt
 
 

@@ -25,10 +25,12 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.optim.sgd import sgd as _torch_sgd
 
 from psi.core.functional import _multi_tensor_psi_sgd, coefficients, is_bias_of
 
-__all__ = ["FlatBuffers", "adopt_state", "flat_psi_sgd", "lay_out", "neuron_labels", "why_not_flat"]
+__all__ = ["FlatBuffers", "adopt_state", "copy_grads", "flat_psi_sgd", "flat_sgd", "lay_out", "neuron_labels",
+           "why_not_flat"]
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # the other dense layouts taken
 
@@ -64,7 +66,7 @@ def warn_reference_once(reason: str) -> None:
     """Say once per reason and process why a bucket takes the per-tensor (reference) path."""
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"PSISGD: {reason}; those psi groups take the per-tensor step (fused=False), which gives "
+        warnings.warn(f"PSISGD: {reason}; those groups take the per-tensor step (fused=False), which gives "
                       f"the same result at a cost that grows with the number of tensors. This warning is shown once.",
                       RuntimeWarning, stacklevel=4)
 
@@ -125,6 +127,20 @@ class FlatBuffers:
         self.weight_classes, self.grad_classes = class_views(self.weight), class_views(self.grad)
         self.momentum_classes = class_views(self.momentum) if momentum else []
         self.grad_views = views(self.grad)
+        # the fan-in-1 class, when it holds only 1-D tensors (BN's weights and biases, a classifier's bias), takes
+        # its gradients in one cat (a foreach copy costs a dispatch per tensor on the CPU); the rest one foreach copy
+        ones = [i for i, f in enumerate(fan_ins) if f == 1]
+        self.cat_idx = ones if ones and all(params[i].dim() == 1 for i in ones) else []
+        self.copy_idx = [i for i in range(len(params)) if i not in set(self.cat_idx)]
+        self.cat_parts: list[int | Tensor] = []  # the cat's inputs: a tensor's index, or zeros for its padding
+        if self.cat_idx:
+            s0, r0, _ = class_spans[classes.index(1)]
+            self.cat_span, end = self.grad[s0:s0 + r0], s0
+            for i in self.cat_idx:
+                if offsets[i] > end:
+                    self.cat_parts.append(torch.zeros(offsets[i] - end, **kw))
+                self.cat_parts.append(i)
+                end = offsets[i] + params[i].numel()
         self.momentum_views = views(self.momentum) if momentum else []
         with torch.no_grad():
             for p, view in zip(params, views(self.weight), strict=True):
@@ -134,7 +150,7 @@ class FlatBuffers:
         self.partner = self._partners(row_of)
         # the neurons' norms, written class by class (out=: no cat), and after them a row kept 0
         # (the partner of a row without one); and 1 as a tensor for the safeguard
-        self.norms = torch.zeros(self.rows + 1, 1, **kw)
+        self.norms = torch.zeros(self.rows + (self.partner is not None), 1, **kw)
         self.norm_classes = list(self.norms[:self.rows].split(self.class_rows))
         self.one = torch.ones(1, 1, **kw)
         # the step's per-neuron factors (gradient, safeguard, momentum's: functional.coefficients),
@@ -191,9 +207,36 @@ class FlatBuffers:
         return True
 
 
+def copy_grads(layouts: list[FlatBuffers], grads: list[list[Tensor]]) -> None:
+    """Every layout's gradients (``grads[k]`` in ``layouts[k].params``' order) into its flat gradient: one
+    ``cat`` per layout with a class of 1-D tensors, and one foreach copy for all the rest (never written)."""
+    views: list[Tensor] = []
+    rest: list[Tensor] = []
+    for flat, gs in zip(layouts, grads, strict=True):
+        if flat.cat_idx:
+            torch.cat([gs[x] if isinstance(x, int) else x for x in flat.cat_parts], out=flat.cat_span)
+        views += [flat.grad_views[i] for i in flat.copy_idx]
+        rest += [gs[i] for i in flat.copy_idx]
+    if views:
+        torch._foreach_copy_(views, rest)
+
+
+def flat_sgd(flat: FlatBuffers, *, lr: float | Tensor, momentum: float, dampening: float, nesterov: bool,
+             weight_decay: float, maximize: bool) -> None:
+    """torch's SGD (``torch.optim.sgd.sgd``) on a plain group's flat buffers, the gradients copied in already:
+    its update is elementwise, so one tensor gives the bits of the per-tensor step at a few ops."""
+    bufs: list[Tensor | None] = [flat.momentum if flat.momentum_ready else None] if momentum != 0 else []
+    _torch_sgd([flat.weight], [flat.grad], bufs, weight_decay=weight_decay, momentum=momentum, lr=lr,
+               dampening=dampening, nesterov=nesterov, maximize=maximize, has_sparse_grad=False, foreach=True,
+               fused=False, grad_scale=None, found_inf=None)
+    if momentum != 0 and not flat.momentum_ready:  # torch's first buffer (the gradient's clone) into the flat one
+        flat.momentum.copy_(bufs[0])
+        flat.momentum_ready = True
+
+
 def flat_psi_sgd(
     flat: FlatBuffers,
-    grads: list[Tensor],
+    grads: list[Tensor] | None,
     *,
     lr: float | Tensor,
     momentum: float,
@@ -204,10 +247,11 @@ def flat_psi_sgd(
     max_norm: float | None,
 ) -> None:
     """PSI-SGD(M) on flat buffers: :func:`~psi.core.functional.psi_sgd`'s update, as many ops whatever the
-    number of tensors (about 12 plus one per fan-in class). ``grads`` in ``flat.params``' order; they are
-    copied into the flat gradient (one foreach copy), never written. With momentum, ``flat.momentum``
-    holds the buffers (filled here on the first step)."""
-    torch._foreach_copy_(flat.grad_views, grads)
+    number of tensors (about 12 plus two per fan-in class). ``grads`` in ``flat.params``' order are copied
+    into the flat gradient (:func:`copy_grads`), never written; None: the caller copied them. With
+    momentum, ``flat.momentum`` holds the buffers (filled here on the first step)."""
+    if grads is not None:
+        copy_grads([flat], [grads])
     if weight_decay != 0:  # as the per-tensor path: g + alpha w, the sign flipped to maximize
         flat.grad.add_(flat.weight, alpha=-weight_decay if maximize else weight_decay)
     # per-neuron norms: one reduce per class over its [rows, fan_in] view; a row of one element is
@@ -218,7 +262,7 @@ def flat_psi_sgd(
         else:
             torch.linalg.vector_norm(w, dim=1, keepdim=True, out=out)
     if flat.partner is None:
-        flat_sq = flat.norms[:flat.rows].square()
+        flat_sq = flat.norms.square()
     else:  # a weight's rows and its bias's share their neurons: each adds the other's squared norm
         padded = flat.norms.square()
         flat_sq = padded[:flat.rows] + padded.index_select(0, flat.partner)

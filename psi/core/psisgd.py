@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _device_dtype_check_for_fused, _use_grad_for_differentiable
 from torch.optim.sgd import sgd as _torch_sgd
 
-from psi.core.flat import FlatBuffers, adopt_state, flat_psi_sgd, lay_out
+from psi.core.flat import FlatBuffers, adopt_state, copy_grads, flat_psi_sgd, flat_sgd, lay_out
 from psi.core.functional import is_bias_of, psi_sgd
 
 __all__ = ["NoPsiGroupWarning", "PSISGD", "PSIGD", "MAX_NORM"]
@@ -87,10 +87,9 @@ class PSISGD(Optimizer):
             ``fused`` or ``differentiable`` is set, where torch's choice stands); on the CPU it is
             faster too, and torch's SGD gives the same bits on either path (tested). On a psi
             group ``foreach=False`` is the per-tensor for-loop (as ``fused=False``, one tensor at a time).
-        fused: on plain groups torch's (its fused SGD kernel where ``True``). On psi groups ``None``
-            (the default) and ``True`` take the flat path: the group's tensors become views of a few
-            flat buffers (see below) and the step is a fixed number of foreach ops whatever the
-            depth; ``fused=False`` keeps the per-tensor path, the reference it matches bit for bit.
+        fused: ``None`` (the default) takes the flat path (below): a fixed number of ops whatever the
+            depth; ``False`` the per-tensor path, the reference it matches bit for bit; ``True`` on
+            plain groups torch's fused SGD kernel, on psi groups the flat path.
         differentiable: torch's, honoured on plain groups; a psi group refuses it (its step is not
             written for autograd): set it off on that group.
         max_norm: the overflow safeguard of section 6.2. A neuron whose norm exceeds it is
@@ -107,22 +106,18 @@ class PSISGD(Optimizer):
     Skipping the neuron set instead would throw away the gradients it has. The safeguard then
     rescales only the tensors that step.
 
-    The flat path (psi groups, ``fused`` not ``False``): at its first step, the tensors of the psi
-    groups with the same settings are copied into flat buffers of one device and dtype and each
-    parameter's ``.data`` becomes a view of its place (as ``DistributedDataParallel``'s
-    ``gradient_as_bucket_view`` and FSDP's flat parameters do); the momentum buffers in the state
-    are views of the flat momentum. ``p.grad`` is not a view: the step copies the gradients into a
-    flat buffer of its own (one foreach copy) and never writes them. Before each step a host-side
-    check of data pointers finds parameters moved out of their buffers (``model.to()``,
-    ``.double()``, ``p.data = ...``) and lays the buffers out again from their new values. A step
-    in which some psi tensor of a bucket has no gradient, tensors of several devices or dtypes,
-    tensor subclasses (DTensor, FSDP's) or strides neither contiguous nor channels-last take the
-    per-tensor path (the reason in a one-time warning), which gives the same bits. Saving one
-    parameter alone (``torch.save(p)``) saves its whole flat buffer, as with any view; the state
-    dict of the optimizer and the model is per tensor, as with ``fused=False``. Laid out again after
-    ``model.double()``, the flat momentum takes the parameters' new dtype (as ``load_state_dict`` casts it).
-    ``model.load_state_dict(sd, assign=True)`` makes new parameters, which no optimizer built
-    before holds (torch's neither): build the optimizer after it.
+    The flat path (``fused=None``, the default; psi groups also with ``fused=True``; plain groups of an
+    optimizer with psi groups, the same bits as torch's per-tensor step): at its first step the tensors
+    of a bucket are copied into flat buffers of one device and dtype, each on a 64-byte boundary, and
+    each ``p.data`` becomes a view of its place (as DDP's ``gradient_as_bucket_view`` and FSDP's flat
+    parameters do); the state's momentum buffers are views of the flat momentum, the state dict per
+    tensor. ``p.grad`` is not a view: the step copies it in and never writes it. A host-side check of
+    data pointers before each step finds parameters moved out (``model.to()``, ``.double()``,
+    ``p.data = ...``) and lays the buffers out again (the momentum takes the new dtype). A step where
+    a tensor of a bucket has no gradient, or tensors of several devices or dtypes, tensor subclasses
+    (DTensor, FSDP's) or strides neither contiguous nor channels-last, takes the per-tensor path (the
+    reason in a one-time warning). ``torch.save(p)`` saves its whole buffer, as with any view;
+    ``model.load_state_dict(sd, assign=True)`` makes new parameters: build the optimizer after it.
 
     The step makes no host-device synchronisation and never writes ``.grad``.
     """
@@ -213,22 +208,12 @@ class PSISGD(Optimizer):
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     bufs: list[Tensor | None], neuron_sets: list[int], frozen: list[Tensor],
-                    frozen_sets: list[int], label: int = -1, layout_of: tuple[int, ...] = ()) -> bool | int:
+                    frozen_sets: list[int], label: int = -1) -> bool:
         """Append the group's tensors with a gradient to the lists of a :class:`_Gathered` (as torch's
         SGD does) and label their neurons after ``label``: a 1-D tensor right after a weight with as
         many neurons is its bias and shares its neurons, every other tensor has its own. A psi tensor
-        without a gradient goes to ``frozen`` with its label. Returns whether a gradient is sparse.
-
-        With ``layout_of`` (the indices of a psi bucket's groups) it appends nothing and returns the key
-        of the bucket's flat buffers in ``self._flat`` after checking them (laid out anew where a
-        parameter moved), or -1 where this step takes the per-tensor path.
-
-        The lists come as separate, empty arguments and the rest as constants, as in torch's
-        optimizers: ``torch.compile`` then runs this eagerly instead of tracing it (so the host-side
-        checks of the flat buffers run at trace time, and a moved parameter, whose address is guarded,
-        recompiles)."""
-        if layout_of:
-            return self._check_flat(layout_of)
+        without a gradient goes to ``frozen`` with its label. Returns whether a gradient is sparse. The
+        lists come as separate, empty arguments, as in torch's optimizers (``torch.compile`` traces them)."""
         has_sparse_grad = False
         momentum = group["momentum"] != 0
         is_psi = group["psi"]
@@ -273,15 +258,35 @@ class PSISGD(Optimizer):
         key = lay_out(self._flat, params, tuple(map(len, groups)), self.param_groups[indices[0]]["momentum"] != 0)
         return key if key >= 0 and adopt_state(self._flat[key], self.state) else -1
 
+    def _flat_layouts(self, buckets: dict[tuple, list[int]], plain: list[int]) -> dict[Any, int]:
+        """The keys in ``self._flat`` of the psi buckets (by hyperparameters) and plain groups (by index) this
+        step takes on flat buffers (class doc). A compiled step takes none: inductor fuses the per-tensor
+        path, and fails on the flat views."""
+        if torch.compiler.is_compiling():
+            return {}
+        out: dict[Any, int] = {}
+        for key, indices in buckets.items():
+            group = self.param_groups[indices[0]]
+            if group["fused"] is not False and group["foreach"] is not False:
+                k = self._check_flat(tuple(indices))
+                if k >= 0:
+                    out[key] = k
+        for i in plain if buckets else ():
+            group = self.param_groups[i]
+            if group["fused"] is None and group["foreach"] is not False and not group["differentiable"]:
+                k = self._check_flat((i,))
+                if k >= 0:
+                    out[i] = k
+        return out
+
     @_use_grad_for_differentiable
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         """Perform one optimization step (``closure`` re-evaluates the loss, as in torch).
 
-        Psi groups with the same hyperparameters are stepped together (one group per layer is the
-        usual layout, and a call per layer would cost a Python round trip each): on flat buffers by
-        default, in one multi-tensor call with ``fused=False``. A psi group's tensors share their
-        neurons: the norm of neuron ``i`` is taken over row ``i`` of all of them (a weight and the
-        bias that scales with it: a 1-D tensor placed right after a weight with as many neurons).
+        Psi groups with the same hyperparameters are stepped together (a bucket: one group per layer is
+        the usual layout): on flat buffers by default, in one multi-tensor call with ``fused=False``. A
+        psi group's tensors share their neurons: the norm of neuron ``i`` is taken over row ``i`` of all
+        of them (a weight and its bias: a 1-D tensor right after a weight with as many neurons).
         Gradients are off during the step unless ``differentiable`` (torch's rule).
         """
         loss = None
@@ -289,10 +294,23 @@ class PSISGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets: dict[tuple, list[int]] = {}
+        plain: list[int] = []
         for i, group in enumerate(self.param_groups):
-            if group["psi"]:  # gathered into the bucket of its hyperparameters, stepped below
+            if group["psi"]:  # gathered into the bucket of its hyperparameters
                 _check_psi_group(group)
                 buckets.setdefault(_psi_hyper(group), []).append(i)
+            else:
+                plain.append(i)
+        flats = self._flat_layouts(buckets, plain)  # the buckets and plain groups this step takes on flat buffers
+        if flats:
+            with torch.no_grad():
+                layouts = [self._flat[k] for k in flats.values()]
+                copy_grads(layouts, [[p.grad for p in f.params] for f in layouts])
+        for i in plain:
+            group = self.param_groups[i]
+            if i in flats:
+                with torch.no_grad():
+                    flat_sgd(self._flat[flats[i]], **{k: group[k] for k in _SGD_KEYS})
                 continue
             gathered = _Gathered([], [], [], [], [], [])
             has_sparse_grad = self._init_group(group, *gathered)
@@ -307,15 +325,11 @@ class PSISGD(Optimizer):
             self._store(gathered.params, gathered.bufs)
         for key, indices in buckets.items():
             hyper = dict(zip(_PSI_KEYS, key, strict=True))
-            fused, foreach = hyper.pop("fused"), hyper["foreach"]
-            flat = -1  # a compiled step takes the per-tensor path (inductor fuses it, and fails on flat views)
-            if fused is not False and foreach is not False and not torch.compiler.is_compiling():
-                flat = self._init_group(self.param_groups[indices[0]], [], [], [], [], [], [], -1, tuple(indices))
-            if flat >= 0:
-                layout = self._flat[flat]
-                hyper.pop("foreach")
+            del hyper["fused"]
+            if key in flats:
+                del hyper["foreach"]
                 with torch.no_grad():
-                    flat_psi_sgd(layout, [p.grad for p in layout.params], **hyper)
+                    flat_psi_sgd(self._flat[flats[key]], None, **hyper)
                 continue
             bucket, label = _Gathered([], [], [], [], [], []), -1
             for i in indices:  # each group into fresh lists (compile runs _init_group eagerly only on empty ones)
@@ -369,6 +383,7 @@ def _check_psi_group(group: dict[str, Any]) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
+_SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 _PSI_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", "max_norm", "foreach", "fused")
 
 
@@ -380,9 +395,5 @@ def _psi_hyper(group: dict[str, Any]) -> tuple:
 
 
 class PSIGD(PSISGD):
-    """PSI-GD (eq. 9): the same update as :class:`PSISGD`, named for its full-batch use.
-
-    The paper's PSI-GD and PSI-SGD differ only in the gradient they are given (the full batch
-    or a minibatch); the optimizer cannot tell the two apart, so this class only changes the
-    name. Feed it full-batch gradients (Theorem 2's setting).
-    """
+    """PSI-GD (eq. 9): :class:`PSISGD`'s update, named for full-batch gradients (Theorem 2's setting): the
+    paper's PSI-GD and PSI-SGD differ only in the gradient they are given."""
