@@ -177,3 +177,101 @@ def test_curve_grid_has_the_supplements_layout():
                                                 "resnet20, table1: training loss", "resnet20, table1: test accuracy"]
     assert axes[2, 0].get_title().startswith("resnet110")  # depth order, not string order
     assert len(axes[0, 1].lines[0].get_xdata()) == 1  # one evaluation: one point
+
+
+def _timed_runs(epochs, seeds, psi_seconds):
+    """Fabricated finished runs: sgd at 10 s per epoch, psi-sgd at ``psi_seconds[seed]``, one per seed."""
+    return pd.DataFrame([dict(run=f"{o}-{s}-{epochs}", dataset="cifar10", model="resnet20", optimizer=o, setting="table1",
+                              seed=s, epochs=epochs, subset=5000, kernels="k", timed_epochs=epochs - 1,
+                              epoch_seconds=10.0 if o == "sgd" else psi_seconds[s], acc=50.0)
+                         for s in range(seeds) for o in ("sgd", "psi-sgd")])
+
+
+@pytest.mark.parametrize("epochs, seeds, seconds, says", [
+    (1, 3, [7.3, 7.0, 8.0], "too short to time"),  # one epoch: its only epoch is the warm-up
+    (3, 1, [7.3], "too short to time"),  # one seed: no spread
+    (3, 3, [7.0, 8.0, 7.5], "0.750x SGD's epoch time (range 0.700-0.800 over 3 seeds)"),
+    (3, 3, [9.0, 11.0, 10.5], "the range holds 1: no measurable difference")])
+def test_the_cost_line_gives_the_seeds_spread_or_says_it_is_too_short(epochs, seeds, seconds, says):
+    from psi.paper.analysis import epoch_times, verdict
+    test = _timed_runs(epochs, seeds, seconds)
+    times = epoch_times(test)
+    line = verdict(test, pd.DataFrame(), pd.DataFrame({"paper_mean": []}), times).splitlines()[-1]
+    assert line.startswith("- Cost: psi-sgd") and says in line, line
+    if "too short" not in says:
+        assert times.set_index("optimizer").loc["psi-sgd", "seeds"] == 3
+
+
+def test_epoch_times_keep_designs_apart():
+    from psi.paper.analysis import epoch_times
+    test = pd.concat([_timed_runs(3, 2, [7.0, 7.0]), _timed_runs(5, 2, [12.0, 12.0]).assign(subset=3000)])
+    psi = epoch_times(test).query("optimizer == 'psi-sgd'")
+    assert sorted(psi["ratio to sgd"]) == [0.7, 1.2]  # one row per design, never a mean over both
+
+
+@pytest.fixture
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    yield pyplot
+    pyplot.close("all")
+
+
+def _design_metrics():
+    """Per-epoch rows of table1 runs in the quick profile's three designs, two seeds, two optimizers."""
+    return pd.DataFrame([dict(run=f"{o}-{n}-{s}", dataset="cifar10", model="resnet20", setting="table1", optimizer=o,
+                              seed=s, subset=n, epochs=e, epoch=k, train_loss=2.0 / k, test_acc=10.0 * k)
+                         for n, e in ((15000, 1), (7500, 2), (5000, 3)) for o in ("sgd", "psi-sgd") for s in (0, 1)
+                         for k in range(1, e + 1)])
+
+
+def test_curve_grid_draws_one_line_per_optimizer_and_design(plt):
+    from psi.paper.curves import curve_grid
+    fig = curve_grid(_design_metrics(), ["table1"])
+    loss_ax, acc_ax = fig.axes
+    for ax in (loss_ax, acc_ax):
+        lines = [ln for ln in ax.lines if len(ln.get_xdata())]
+        # 2 optimizers x 3 designs, each line one design's epochs: never 1-3 joined across designs
+        assert sorted(len(ln.get_xdata()) for ln in lines) == [1, 1, 2, 2, 3, 3], [ln.get_xdata() for ln in lines]
+        one_epoch = [ln for ln in lines if len(ln.get_xdata()) == 1]
+        assert all(ln.get_marker() not in (None, "", "None") for ln in one_epoch)  # a 1-epoch run is seen
+    labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert {"15000x1", "7500x2", "5000x3", "sgd", "psi-sgd"} <= set(labels)
+
+
+def test_figure3_reads_each_runs_design(plt, monkeypatch):
+    from psi.paper import analysis
+    metrics = _design_metrics()
+    test = metrics.drop_duplicates("run")[["run", "dataset", "setting", "epochs", "subset"]]
+    recorded = metrics.drop(columns=["dataset", "epochs", "subset"])  # what load_metrics gives: no design
+    monkeypatch.setattr(analysis, "load_metrics", lambda runs_dir, runs: recorded)
+    ((name, fig),) = analysis.figures("unused", test)
+    assert name == "figure3_cifar10"
+    assert len([ln for ln in fig.axes[0].lines if len(ln.get_xdata())]) == 6
+
+
+def test_notebook04_curves_of_one_epoch_runs_have_points_within_the_epoch(plt, tmp_path, monkeypatch):
+    from psi.paper import cifar as paper_cifar
+    epoch_rows = pd.DataFrame([dict(run=f"{o}-{s}", model="resnet20", optimizer=o, setting="table1", seed=s, epoch=0,
+                                    images=800, train_loss=2.0, test_acc=30.0, psi_norm_mean=1.0, psi_eff_lr=0.1)
+                               for o in ("sgd", "psi-sgd") for s in (0, 1)])
+    points = pd.DataFrame([dict(run=f"{o}-{s}", model="resnet20", optimizer=o, setting="table1", seed=s, epoch=0,
+                                step=k, images=100 * k, train_loss=2.3 - 0.05 * k + 0.01 * s, psi_norm_mean=1 + 0.01 * k,
+                               psi_eff_lr=0.1 / k) for o in ("sgd", "psi-sgd") for s in (0, 1) for k in range(1, 9)])
+    monkeypatch.setattr(paper_cifar, "load_metrics", lambda out, runs, trace=False: points if trace else epoch_rows)
+    monkeypatch.setattr(paper_cifar, "savefig", lambda fig, d, name: None)
+    monkeypatch.setattr(plt, "show", lambda: None)
+    st = paper_cifar.Study({"models": ["resnet20"], "dataset": "cifar10", "epochs": 1, "subset": 800},
+                           Config(dataset="synthetic", model="smallcnn", optimizer="sgd", out=str(tmp_path)),
+                           None, tmp_path, (1, 1))
+    paper_cifar.plot_curves(st, epoch_rows)
+    fig = plt.gcf()
+    loss, acc, norm, eff = fig.axes
+    for ax in (loss, norm, eff):  # a line per optimizer over the epoch's 8 points, the seeds' band around it
+        assert sorted(len(ln.get_xdata()) for ln in ax.lines if len(ln.get_xdata())) == [8, 8]
+        assert ax.get_xlabel() == "training images seen" and ax.collections  # the band
+    assert [len(ln.get_xdata()) for ln in acc.lines if len(ln.get_xdata())] == [1, 1]  # evaluated once: a marker
+    assert all(ln.get_marker() not in (None, "", "None") for ln in acc.lines if len(ln.get_xdata()))

@@ -283,6 +283,22 @@ def test_the_sync_detector_sees_a_per_step_sync(tmp_path, ds, monkeypatch):
     assert many.syncs["aten._local_scalar_dense"] > few.syncs["aten._local_scalar_dense"]
 
 
+
+def test_a_one_epoch_run_traces_its_loss_norms_and_rate_within_the_epoch(tmp_path, ds):
+    """Every few steps the loss, neuron norm and effective rate are kept on the device and read with the
+    epoch's totals (the count test above holds them to one read per epoch): a 1-epoch run has a curve."""
+    cfg = _cfg(tmp_path, optimizer="psi-sgd", epochs=1, subset=400, batch_size=25)  # 16 steps: a point every 2
+    trainer.run(cfg, ds)
+    (row,) = metric_rows(cfg.run_dir())
+    trace = row["trace"]
+    assert [t["step"] for t in trace] == list(range(2, 17, 2)) and len(trace) == epoch.TRACE_POINTS
+    assert [t["images"] for t in trace] == [50 * k for k in range(1, 9)]
+    assert sum(t["train_loss"] for t in trace) / len(trace) == pytest.approx(row["train_loss"], rel=1e-5)
+    assert len({t["train_loss"] for t in trace}) > 1  # each point its own steps' mean, not the epoch's
+    layers = row["psi_layers"].values()
+    assert trace[-1]["psi_norm_mean"] == pytest.approx(sum(v["norm_mean"] for v in layers) / len(layers))
+    assert all(t["psi_eff_lr"] > 0 for t in trace)
+
 # -- one process per run folder --------------------------------------------------------------
 
 def test_a_held_run_folder_is_refused_and_left_alone(tmp_path, ds):

@@ -520,3 +520,26 @@ def test_rates_figure(plt):
     (ax,) = plot_rates(rates).axes
     assert len(_data_lines(ax)) == 2 and [t.get_text() for t in ax.get_legend().get_texts()] == ["PSI-GD", "PSI-SGD"]
     assert ax.get_xscale() == ax.get_yscale() == "log" and "squared gradient norm" in ax.get_title()
+
+
+def _shown_labels(fig, axis):
+    """The drawn, non-empty tick labels of ``axis`` (major and minor) with their boxes on the canvas."""
+    fig.canvas.draw()
+    ticks = axis.get_majorticklabels() + axis.get_minorticklabels()
+    return [(t.get_text(), t.get_window_extent()) for t in ticks if t.get_visible() and t.get_text()]
+
+
+@pytest.mark.parametrize("T, values", [([25, 50, 100, 200, 400, 800], [5.5, 2.4, 0.93, 0.38, 0.19, 0.12]),
+                                       ([25, 50, 100], [0.30, 0.28, 0.25])])  # notebook 03's horizons; a short span
+def test_rates_figure_labels_do_not_overlap_and_the_subscript_sits_on_the_line(plt, T, values):
+    rates = pd.DataFrame({"T": T, "PSI-GD": values, "GD": [v / 100 for v in values]})
+    fig = plot_rates(rates)
+    (ax,) = fig.axes
+    for axis in (ax.xaxis, ax.yaxis):
+        shown = _shown_labels(fig, axis)
+        assert len(shown) >= 2, shown
+        for i, (a, box) in enumerate(shown):
+            assert not any(box.overlaps(other) for _, other in shown[i + 1:]), (a, [s for s, _ in shown])
+    assert [t for t, _ in _shown_labels(fig, ax.xaxis)] == [str(t) for t in T]  # the horizons, as numbers
+    # mathtext sets \min's subscript as a limit, under the word (below the title's line): \mathrm{min} keeps it inline
+    assert "\\min" not in ax.get_title() + ax.get_ylabel() and "_{t<T}" in ax.get_title()

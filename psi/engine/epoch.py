@@ -20,16 +20,29 @@ from psi.engine.imageloader import ImageLoader
 from psi.engine.optimizers import effective_lr
 from psi.engine.stop import Partial, Stop, TrainingDiverged
 
+TRACE_POINTS = 8  # points per epoch of the in-epoch trace (the loss, norms and rate every few steps)
 
-def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, dict[str, float]]:
-    """Per scale-invariant layer: neuron norm mean/min/max and the effective learning rate
-    (:func:`psi.engine.optimizers.effective_lr`, which says why each method gets its rule).
-    One host read for all layers (once per epoch)."""
+
+def trace_every(steps: int) -> int:
+    """The steps between two points of an epoch's trace: about :data:`TRACE_POINTS` points per epoch, a
+    point every step in an epoch of fewer steps. A constant count, so the one read per epoch stays one."""
+    return max(1, steps // TRACE_POINTS)
+
+
+def _psi_layers(opt: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
     layers = getattr(opt, "psi_layers", None)
     if layers is None:  # an optimizer built without the side table: per-layer groups carry the name
         layers = {g["name"]: g["params"] for g in opt.param_groups if g.get("psi")}
+    return layers
+
+
+def _psi_layer_tensor(opt: torch.optim.Optimizer, optimizer: str) -> torch.Tensor | None:
+    """Per scale-invariant layer, on the device: neuron norm mean/min/max and the effective learning rate
+    (:func:`psi.engine.optimizers.effective_lr`, which says why each method gets its rule); ``None``
+    without such layers. Nothing read back to the host."""
+    layers = _psi_layers(opt)
     if not layers:
-        return {}
+        return None
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     rows = []
     for tensors in layers.values():
@@ -38,9 +51,33 @@ def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, di
         norms = sq.sqrt()
         lr = float(lr_of[id(tensors[0])])  # a float, or a CPU tensor (compiled steps): no device read
         rows.append(torch.stack([norms.mean(), norms.min(), norms.max(), effective_lr(optimizer, lr, sq)]))
-    values = torch.stack(rows).tolist()
+    return torch.stack(rows)
+
+
+def _layer_dict(names: list[str], values: list[list[float]]) -> dict[str, dict[str, float]]:
     return {name: {"norm_mean": mean, "norm_min": lo, "norm_max": hi, "eff_lr": eff}
-            for name, (mean, lo, hi, eff) in zip(layers, values, strict=True)}
+            for name, (mean, lo, hi, eff) in zip(names, values, strict=True)}
+
+
+def _psi_layer_stats(opt: torch.optim.Optimizer, optimizer: str) -> dict[str, dict[str, float]]:
+    """:func:`_psi_layer_tensor` read back, by layer name: one host read for all layers (once per epoch)."""
+    t = _psi_layer_tensor(opt, optimizer)
+    return {} if t is None else _layer_dict(list(_psi_layers(opt)), t.tolist())
+
+
+def _trace(part: Partial, losses: list[float], layers: list[list[list[float]]],
+           images_per_step: int, epoch: int) -> list[dict[str, Any]]:
+    """The epoch's trace rows: at each traced step, the images seen since the run began, the mean training
+    loss of the steps since the point before, and the layers' mean neuron norm and effective rate."""
+    rows = []
+    for (s, _), loss, stats in zip(part.trace, losses, layers or [[]] * len(losses), strict=True):
+        row = {"step": s, "images": (epoch * part.steps + s) * images_per_step, "train_loss": loss}
+        if stats:
+            eff = [r[3] for r in stats if math.isfinite(r[3])]
+            row.update(psi_norm_mean=sum(r[0] for r in stats) / len(stats),
+                       psi_eff_lr=sum(eff) / len(eff) if eff else float("nan"))
+        rows.append(row)
+    return rows
 
 
 @torch.inference_mode()
@@ -76,15 +113,26 @@ def epoch_row(cfg: Config, epoch: int, start: int, part: Partial, rank: int, wor
     """The metrics row of a finished epoch (its evaluation included); :class:`TrainingDiverged` if its
     loss is not finite, naming the first step whose loss was not (one host read per epoch either way)."""
     loss_sum, correct, seen = part.loss_sum, part.correct, part.seen
-    if world > 1:
+    if world > 1:  # each step's loss too: the trace's is the processes' mean, resumed or not
         torch.distributed.all_reduce(loss_sum)
         torch.distributed.all_reduce(correct)
+        torch.distributed.all_reduce(part.losses)
         seen *= world
-    train_loss, train_correct = torch.stack([loss_sum, correct.double()]).tolist()
-    train_loss /= seen
+    # the trace's mean losses between its points, read with the totals: still one read per epoch
+    cum = torch.cat([part.losses.new_zeros(1), part.losses.double().cumsum(0) / world])
+    ends = [s for s, _ in part.trace]
+    starts = [0, *ends[:-1]]
+    chunks = [(cum[e] - cum[b]) / (e - b) for b, e in zip(starts, ends, strict=True)]
+    layers = [t for _, t in part.trace if t is not None]
+    values = torch.cat([torch.stack([loss_sum, correct.double(), *chunks])]
+                       + [t.double().flatten() for t in layers]).tolist()
+    train_loss, train_correct = values[0] / seen, values[1]
+    n_layers = len(layers[0]) if layers else 0
+    flat = values[2 + len(chunks):]
+    stats = [[flat[(j * n_layers + k) * 4:(j * n_layers + k + 1) * 4] for k in range(n_layers)]
+             for j in range(len(layers))]
+    trace = _trace(part, values[2:2 + len(chunks)], stats, seen // max(part.step, 1), epoch)
     if not math.isfinite(train_loss):
-        if world > 1:  # a NaN on any process: the sum is NaN at that step on all
-            torch.distributed.all_reduce(part.losses)
         bad = (~torch.isfinite(part.losses)).nonzero()
         at = f" at step {int(bad[0]) + 1} of {part.steps}" if len(bad) else ""
         msg = (f"{out.name}: the training loss became {train_loss}{at} in epoch {epoch + 1}; the checkpoint after "
@@ -107,7 +155,7 @@ def epoch_row(cfg: Config, epoch: int, start: int, part: Partial, rank: int, wor
             f"{eval_name}_loss": eval_loss, f"{eval_name}_acc": eval_acc,
             "epoch_seconds": part.seconds, "images_per_second": seen / part.seconds, "eval_seconds": eval_seconds,
             "warmup": epoch == start,  # this process's first epoch: compilation, cuDNN benchmarking
-            "psi_layers": _psi_layer_stats(opt, cfg.optimizer)}
+            "psi_layers": _psi_layer_stats(opt, cfg.optimizer), "trace": trace}
 
 
 def train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: Callable[[], Any],
@@ -145,3 +193,5 @@ def train_epoch(cfg: Config, net: nn.Module, opt: torch.optim.Optimizer, step: C
         part.correct += (logits.detach().argmax(1) == y).sum()
         part.seen += len(y)
         part.step = i + 1
+        if part.step % trace_every(steps) == 0:  # device tensors only: read with the epoch's totals
+            part.trace.append((part.step, _psi_layer_tensor(opt, cfg.optimizer)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,9 @@ class Partial:
     losses: Tensor = None  # type: ignore[assignment]
     seen: int = 0
     seconds: float = 0.0
+    # (step, per-layer statistics on the device, None without such layers) every few steps
+    # (psi.engine.epoch.trace_every), read with the epoch's totals
+    trace: list[tuple[int, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def on_device(t: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -48,10 +51,12 @@ class Partial:
         self.loss_sum = on_device(self.loss_sum, torch.float64, ())
         self.correct = on_device(self.correct, torch.long, ())
         self.losses = on_device(self.losses, torch.float32, (self.steps,))
+        self.trace = [(int(s), None if t is None else t.to(self.device)) for s, t in self.trace]
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "correct": self.correct,
-                "losses": self.losses, "seen": self.seen, "seconds": self.seconds}
+                "losses": self.losses, "seen": self.seen, "seconds": self.seconds,
+                "trace": self.trace}
 
 
 # Under torchrun every process must stop at the same step: they agree every STOP_POLL steps (one host

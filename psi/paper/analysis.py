@@ -27,7 +27,8 @@ from psi.study.results import (
 from psi.study.selection import read_selected_files
 from psi.study.stats import judge, paired
 
-__all__ = ["load", "summary_line", "table", "paired_tests", "figures", "epoch_times", "verdict", "copy_to"]
+__all__ = ["load", "summary_line", "table", "paired_tests", "figures", "epoch_times", "cost_text", "verdict",
+           "copy_to"]
 _ORDER = ["sgd", "adam", "sgdg", "psi-sgd", "psi-sgdm", "sgdp"]
 
 
@@ -118,8 +119,8 @@ def paired_tests(test: pd.DataFrame, alpha: float = 0.05, power: float = 0.8,
 def figures(runs_dir: str | os.PathLike, test: pd.DataFrame) -> list[tuple[str, Any]]:
     """Figure 3 (each method without a regularizer: ``table1``, ``tuned``) and the supplement's Figures
     5-6 (``table2``, then ``table1``) per dataset, as ``(name, figure)``."""
-    metrics = load_metrics(runs_dir, list(test.run)).drop(columns="setting").merge(
-        test[["run", "dataset", "setting"]], on="run")  # a shared run under each label it has
+    metrics = load_metrics(runs_dir, list(test.run)).drop(columns=["setting", "epochs", "subset"], errors="ignore").merge(
+        test[["run", "dataset", "setting", "epochs", "subset"]], on="run")  # a shared run under each label it has
     metrics["epoch"] += 1
     out = []
     for dataset, md in metrics.groupby("dataset"):
@@ -135,12 +136,43 @@ def figures(runs_dir: str | os.PathLike, test: pd.DataFrame) -> list[tuple[str, 
     return out
 
 
+MIN_TIMED_EPOCHS = 2  # a run's timed epochs (warm-up left out) below which its epoch time is not trusted
+MIN_SEEDS = 2  # paired seeds below which a ratio has no spread to show
+
+
+def cost_text(ratios: pd.Series | np.ndarray | list[float], timed_epochs: int) -> str:
+    """A method's epoch time over SGD's, from the ratios of its seeds (each the method's run over SGD's run
+    at the same seed and setting): ``median (min-max over n seeds)``. The rule: fewer than
+    :data:`MIN_TIMED_EPOCHS` timed epochs in the shortest run, or fewer than :data:`MIN_SEEDS` seeds, is
+    "too short to time"; a min-max range that holds 1 (the spread larger than the effect) is said to be
+    no measurable difference."""
+    r = np.asarray(ratios, dtype=float)
+    if timed_epochs < MIN_TIMED_EPOCHS or len(r) < MIN_SEEDS:
+        return (f"too short to time ({timed_epochs} timed epoch{'s' * (timed_epochs != 1)} per run, {len(r)} "
+                f"seed{'s' * (len(r) != 1)}; needs {MIN_TIMED_EPOCHS} and {MIN_SEEDS})")
+    lo, hi = r.min(), r.max()
+    text = f"{np.median(r):.3f}x SGD's epoch time (range {lo:.3f}-{hi:.3f} over {len(r)} seeds)"
+    return text + ("; the range holds 1: no measurable difference" if lo <= 1 <= hi else "")
+
+
 def epoch_times(test: pd.DataFrame, fig_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Seconds per training epoch per method, the ratio to SGD's and the paper's ratio (section 6.2,
-    ResNet-56, V100); written to ``epoch_times.csv``."""
-    times = test.groupby(["dataset", "model", "optimizer"])["epoch_seconds"].mean().reset_index()
-    sgd_time = times[times.optimizer == "sgd"].set_index(["dataset", "model"])["epoch_seconds"]
-    times["ratio to sgd"] = times.epoch_seconds / times.set_index(["dataset", "model"]).index.map(sgd_time)
+    """Per dataset, model, design (epochs, subset), CPU kernels and method: the median seconds per training
+    epoch, the ratios to SGD's run at the same seed and setting (median, min, max, seeds, :func:`cost_text`)
+    and the paper's ratio (section 6.2, ResNet-56, V100); written to ``epoch_times.csv``."""
+    keys = ["dataset", "model", "epochs", "subset", "kernels"]
+    t = test.assign(timed_epochs=test["timed_epochs"] if "timed_epochs" in test else test["epochs"])
+    sgd = t[t.optimizer == "sgd"][[*keys, "setting", "seed", "run", "epoch_seconds"]]
+    pairs = t.merge(sgd, on=[*keys, "setting", "seed"], suffixes=("", "_sgd"))
+    pairs = pairs.drop_duplicates(["run", "run_sgd"])  # a run shared by table1 and tuned counts once
+    pairs["ratio"] = pairs.epoch_seconds / pairs.epoch_seconds_sgd
+    rows = []
+    for k, g in pairs.groupby([*keys, "optimizer"]):
+        timed = int(min(g.timed_epochs.min(), t[(t.optimizer == "sgd") & (t.run.isin(g.run_sgd))].timed_epochs.min()))
+        rows.append({**dict(zip([*keys, "optimizer"], k)), "epoch_seconds": g.epoch_seconds.median(),
+                     "seeds": len(g), "timed_epochs": timed, "ratio to sgd": g.ratio.median(),
+                     "ratio min": g.ratio.min(), "ratio max": g.ratio.max(), "cost": cost_text(g.ratio, timed)})
+    times = pd.DataFrame(rows, columns=[*keys, "optimizer", "epoch_seconds", "seeds", "timed_epochs",
+                                        "ratio to sgd", "ratio min", "ratio max", "cost"])
     times["paper ratio (ResNet-56, V100)"] = times.optimizer.map(
         lambda o: PAPER_EPOCH_SECONDS.get(o, np.nan) / PAPER_EPOCH_SECONDS["sgd"])
     if fig_dir is not None:
@@ -170,8 +202,8 @@ def verdict(test: pd.DataFrame, tests: pd.DataFrame, t: pd.DataFrame, times: pd.
                      f"{r.paper_mean:.2f} in its {r.paper_table} ({r['diff']:+.2f}; {r.epochs} epochs, subset "
                      f"{r.subset or 'all'}).")
     for _, r in times[times.optimizer.isin(["psi-sgd", "psi-sgdm"])].iterrows():
-        lines.append(f"- Cost: {r.optimizer} took {r['ratio to sgd']:.3f}x SGD's epoch time on {r.dataset} {r.model} "
-                     f"(paper: {r['paper ratio (ResNet-56, V100)']:.3f}x).")
+        lines.append(f"- Cost: {r.optimizer} on {r.dataset} {r.model} ({r.epochs} epochs of {r.subset or 'all'} "
+                     f"images): {r.cost} (paper: {r['paper ratio (ResNet-56, V100)']:.3f}x).")
     return "\n".join(lines)
 
 

@@ -26,7 +26,8 @@ from psi.study.plan import base_config, check_settings, distinct, select_lrs, st
 from psi.study.profiles import parse_shard, study_settings
 from psi.study.results import load_metrics, load_runs
 
-__all__ = ["Study", "prepare", "select", "train", "summarize", "plot_curves", "what_we_saw", "CURVES"]
+__all__ = ["Study", "prepare", "select", "train", "summarize", "curve_points", "plot_curves", "what_we_saw",
+           "CURVES"]
 
 # the curves' panels: column of the metrics, title, log scale
 CURVES = (("train_loss", "training loss", True), ("test_acc", "test accuracy", False),
@@ -126,21 +127,35 @@ def summarize(st: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     return summary, metrics
 
 
+def curve_points(metrics: pd.DataFrame, trace: pd.DataFrame) -> pd.DataFrame:
+    """The points of :func:`plot_curves` against the training images seen: a run's in-epoch trace
+    (``trace``, :func:`psi.study.results.load_metrics` with ``trace=True``) where it recorded one, its
+    epoch rows otherwise, and its test accuracy at the epochs' ends; ``optimizer / setting`` labels them."""
+    labels = metrics[["run", "setting"]].drop_duplicates()
+    traced = trace.drop(columns="setting", errors="ignore").merge(labels, on="run") if not trace.empty else trace
+    untraced = metrics[~metrics["run"].isin(set(traced["run"]) if not traced.empty else set())]
+    acc = metrics.dropna(subset=["test_acc"])[["run", "model", "optimizer", "setting", "seed", "images", "test_acc"]]
+    points = pd.concat([traced, untraced.drop(columns="test_acc"), acc], ignore_index=True)
+    return points.assign(**{"optimizer / setting": points["optimizer"] + " / " + points["setting"]})
+
+
 def plot_curves(st: Study, metrics: pd.DataFrame) -> None:
-    """Per model, the four panels of :data:`CURVES` against the epoch, one line per optimizer and
-    setting (the mean over seeds with seaborn's 95% band); saved as ``curves_<model>``."""
+    """Per model, the four panels of :data:`CURVES` against the training images seen, one line per
+    optimizer and setting (the mean over seeds with seaborn's 95% band): the loss, norm and rate at the
+    points the runs traced every few steps (:func:`curve_points`), so a 1-epoch run has a curve too;
+    saved as ``curves_<model>``."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    m = metrics.assign(epoch=metrics["epoch"] + 1,
-                       **{"optimizer / setting": metrics["optimizer"] + " / " + metrics["setting"]})
+    m = curve_points(metrics, load_metrics(st.base.out, list(metrics["run"].unique()), trace=True))
     for model in st.settings["models"]:
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         for ax, (col, title, log) in zip(axes.flat, CURVES):
-            sns.lineplot(m[m["model"] == model], x="epoch", y=col, hue="optimizer / setting", ax=ax,
-                         legend=ax is axes[0, 0])
-            ax.set_title(title)
-            if log:
+            sub = m[(m["model"] == model)].dropna(subset=[col])
+            sns.lineplot(sub, x="images", y=col, hue="optimizer / setting", ax=ax, legend=ax is axes[0, 0],
+                         marker="o" if sub["images"].nunique() < 6 else None)
+            ax.set(title=title, xlabel="training images seen")
+            if log and not sub.empty:
                 ax.set_yscale("log")
         fig.suptitle(f"{st.settings['dataset']} {model}: {st.settings['epochs']} epochs, "
                      f"subset {st.settings['subset'] or 'all'}")

@@ -88,15 +88,42 @@ def psi_sgd_rate(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, hori
                                          loss_fn))) for T in horizons]
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks for a log axis from ``lo`` to ``hi``: the powers of ten in it, else (under two of them) the
+    1-2-5 steps, else every digit, else four steps
+    between the ends: at least two labelled ticks, and never a label on each minor tick."""
+    k = np.arange(np.floor(np.log10(lo)), np.ceil(np.log10(hi)) + 1)
+    for digits in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = [float(f"{d * 10.0 ** e:.3g}") for e in k for d in digits if lo <= d * 10.0 ** e <= hi]
+        if len(ticks) >= 2:
+            return ticks
+    return sorted({float(f"{v:.2g}") for v in np.geomspace(lo, hi, 6)[1:-1]})  # a span under one digit step
+
+
 def plot_rates(rates: pd.DataFrame) -> Figure:
     """Theorems 2-3 seen on log-log axes: ``min_{t<T}`` of the squared gradient norm against the horizon
     ``T``, one line per column of ``rates`` (column ``T`` the horizons); the bounds are lines of slope
-    -1 (GD, PSI-GD) and -1/2 (PSI-SGD)."""
+    -1 (GD, PSI-GD) and -1/2 (PSI-SGD). The horizons are the x ticks, labelled as numbers; the y axis is
+    labelled at :func:`_log_ticks` only (matplotlib labels every minor tick of a short log axis, on top
+    of each other)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sns.lineplot(rates.melt("T", var_name="method", value_name="min squared gradient norm"), x="T",
                  y="min squared gradient norm", hue="method", marker="o", ax=ax)
-    ax.set(xscale="log", yscale="log", title="$\\min_{t<T}$ squared gradient norm")
+    # \mathrm{min}, not \min: mathtext sets \min's subscript under it, as a limit, below the title's line
+    ax.set(xscale="log", yscale="log", ylabel="$\\mathrm{min}_{t<T}$ squared gradient norm",
+           title="Best iterate so far: $\\mathrm{min}_{t<T}$ squared gradient norm")
+    horizons = sorted(rates["T"].unique())
+    ax.xaxis.set_major_locator(FixedLocator(horizons))
+    ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in horizons]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ylim = ax.get_ylim()
+    yticks = _log_ticks(*ylim)
+    ax.yaxis.set_major_locator(FixedLocator(yticks))
+    ax.yaxis.set_major_formatter(FixedFormatter([f"{v:g}" for v in yticks]))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(ylim)
     return fig

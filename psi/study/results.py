@@ -119,14 +119,22 @@ def load_runs(runs_dir: str | Path) -> pd.DataFrame:
                      "epochs": c["epochs"], "subset": c["subset"], "split": split,
                      "acc": 100 * final_acc(s, split), "best_acc": 100 * s[f"best_{split}_acc"],
                      "final_train_loss": s["final_train_loss"], "epoch_seconds": s["mean_epoch_seconds"],
+                     "timed_epochs": s.get("epochs", c["epochs"]) - len(s.get("warmup_epoch_seconds", [])),
                      "source": s.get("data_source"), "kernels": _kernels_of(c, s)})
     _warn_unrecorded(unrecorded, runs_dir)
     return pd.DataFrame(rows)
 
 
-def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd.DataFrame:
-    """Per-epoch metrics of runs (all recorded ones by default), with the run's identity and its
-    recorded setting and learning rate (``lr_base``)."""
+def _trace_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The in-epoch points of a run's rows (:func:`psi.engine.epoch.trace_every`), each with its epoch."""
+    return [{"epoch": r["epoch"], **t} for r in rows for t in r.get("trace", [])]
+
+
+def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None, trace: bool = False) -> pd.DataFrame:
+    """Per-epoch metrics of runs (all recorded ones by default), with the run's identity, its recorded
+    setting and learning rate (``lr_base``) and ``images``, the training images seen at the epoch's end.
+    ``trace``: the points the runs recorded every few steps instead (``epoch``, ``step``, ``images``,
+    ``train_loss``, ``psi_norm_mean``, ``psi_eff_lr``; none for runs made before the engine traced)."""
     frames, unrecorded = [], []
     for p in sorted(Path(runs_dir).glob("*/metrics.jsonl")):
         if run_names is not None and p.parent.name not in run_names:
@@ -136,7 +144,13 @@ def load_metrics(runs_dir: str | Path, run_names: list[str] | None = None) -> pd
             unrecorded.append(p.parent.name)
             continue
         rows = read_metrics(p)
+        images = 0
         for r in rows:
+            images += round(r["images_per_second"] * r["epoch_seconds"]) if "images_per_second" in r else 0
+            r["images"] = images
+        rows = _trace_rows(rows) if trace else rows
+        for r in rows:
+            r.pop("trace", None)
             layers = r.pop("psi_layers", {})
             if layers:
                 r["psi_norm_mean"] = float(np.mean([v["norm_mean"] for v in layers.values()]))
