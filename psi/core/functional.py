@@ -47,7 +47,8 @@ def psi_sgd(
     order = sorted(range(len(params)), key=dims.__getitem__)
     us = momentum_buffer_list
     dims.sort()
-    if order != list(range(len(params))):
+    reordered = order != list(range(len(params)))
+    if reordered:
         params, grads, us = ([xs[i] for i in order] for xs in (params, grads, us)) if us else \
             ([params[i] for i in order], [grads[i] for i in order], us)
         neuron_sets = None if neuron_sets is None else [neuron_sets[i] for i in order]
@@ -92,7 +93,7 @@ def psi_sgd(
     mucaps = cols[2] if len(cols) > 2 else None
     fn = _multi_tensor_psi_sgd if foreach else _single_tensor_psi_sgd
     fn(params, grads, us, cols[0], caps, mucaps, momentum=momentum, dampening=dampening, nesterov=nesterov)
-    if us is not momentum_buffer_list:  # new buffers back to the caller's order
+    if reordered and us:  # new buffers back to the caller's order (no ``is not`` on lists: torch 2.11 cannot trace it)
         for pos, i in enumerate(order):
             momentum_buffer_list[i] = us[pos]
 
