@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from psi.engine.config import Config
+
 TIMING = ("epoch_seconds", "images_per_second", "eval_seconds", "warmup")  # how long, not what was computed
 
 
@@ -19,3 +21,10 @@ def metric_rows(run_dir: Path) -> list[dict]:
         for k in TIMING:
             r.pop(k)
     return rows
+
+
+def small_config(tmp_path, **kw) -> Config:
+    """A run of seconds on the synthetic set (smallcnn, PSI-SGDM, 2 epochs of 200 images): ``kw`` overrides."""
+    base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50, subset=200,
+                out=str(tmp_path), progress=False)
+    return Config(**{**base, **kw})

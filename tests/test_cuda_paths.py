@@ -19,6 +19,7 @@ from psi.engine import cifar, distributed, epoch, imageloader, trainer
 from psi.engine.config import Config
 from psi.engine.imageloader import ImageLoader
 from psi.engine.loaders import load_dataset
+from tests.runs import small_config
 from tests.test_images import _pil_stand_in, make_tree
 
 
@@ -32,10 +33,7 @@ def ds():
     return cifar.synthetic(n_train=500, n_test=100)
 
 
-def _cfg(tmp_path, **kw) -> Config:
-    base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50, subset=200,
-                out=str(tmp_path), progress=False)
-    return Config(**{**base, **kw})
+_cfg = small_config
 
 
 def _loader(ds, **kw) -> ImageLoader:

@@ -22,7 +22,7 @@ from psi.engine.distributed import backend_for, run_device
 from psi.engine.rundir import RunLocked, load_checkpoint, lock_holder, run_lock
 from psi.engine.trainer import sweep
 from tests.procs import Gated, env
-from tests.runs import metric_rows
+from tests.runs import metric_rows, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 def CUDA(test):  # noqa: N802 - a decorator, as pytest's marks are
@@ -35,10 +35,7 @@ def ds():
     return cifar.synthetic(n_train=500, n_test=100)
 
 
-def _cfg(tmp_path, **kw) -> Config:
-    base = dict(dataset="synthetic", model="smallcnn", optimizer="psi-sgdm", epochs=2, batch_size=50, subset=200,
-                out=str(tmp_path), progress=False)
-    return Config(**{**base, **kw})
+_cfg = small_config
 
 
 class _Cut(Exception):

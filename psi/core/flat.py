@@ -109,13 +109,12 @@ class FlatBuffers:
             class_spans.append((start, rows, fan_in))
             self.class_rows.append(rows)
             start, row = start + rows * fan_in, row + rows
-        self.numel, self.rows = start, row
+        self.rows = row
         kw = dict(device=first.device, dtype=first.dtype)
         self.weight = torch.zeros(start, **kw)
         self.grad = torch.zeros(start, **kw)  # its padding is never written: zero gradients
         self.momentum = torch.zeros(start, **kw) if momentum else None
         self.momentum_ready = False  # the first step (or a state with buffers) fills it
-        self.offsets = offsets
 
         def views(flat: Tensor) -> list[Tensor]:
             return [flat.as_strided(p.shape, p.stride(), off) for p, off in zip(params, offsets, strict=True)]
